@@ -1,0 +1,121 @@
+"""The fusion math, once: small pure functions on tensors that every fuser uses.
+
+All functions compute in float64 and return float64 tensors; callers cast back to the
+checkpoint's dtype once, at the very end (folding in fp16 triples the error, REFERENCE §3).
+No function mutates its arguments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .errors import BadInput
+
+F64 = torch.float64
+
+
+def _f64(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().to(F64)
+
+
+def bn_scale_shift(
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    name: str = "BatchNorm",
+) -> tuple[Tensor, Tensor]:
+    """Return (scale, shift) such that BN(x) == x * scale + shift per channel (eval mode).
+
+    ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``. ``weight``/``bias``
+    None means ``affine=False`` (gamma 1, beta 0). Raises BadInput naming ``name`` when a
+    variance is negative or a statistic is not finite.
+    """
+    mean, var = _f64(running_mean), _f64(running_var)
+    if not torch.isfinite(var).all() or not torch.isfinite(mean).all():
+        raise BadInput(f"{name}: running statistics are not finite")
+    if (var < 0).any():
+        raise BadInput(f"{name}: running_var has negative entries (min {var.min().item():.3g})")
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * _f64(weight)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + _f64(bias)
+    return scale, shift
+
+
+def fold_bn(
+    weight: Tensor,
+    bias: Tensor | None,
+    scale: Tensor,
+    shift: Tensor,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """Fold a per-output-channel affine ``y*scale + shift`` that follows a conv/linear.
+
+    ``weight`` is laid out as torch stores it: (out, in/groups, *k) for Conv and Linear,
+    (in, out/groups, *k) for ConvTranspose (``transposed=True``, ``groups`` needed).
+    Returns (W', b') in float64 with ``b' = b * scale + shift``.
+    """
+    w = _f64(weight)
+    if not transposed:
+        w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    else:
+        cin, cout_g = w.shape[0], w.shape[1]
+        k = w.shape[2:]
+        w = w.reshape(groups, cin // groups, cout_g, *k)
+        w = w * scale.reshape(groups, 1, cout_g, *([1] * len(k)))
+        w = w.reshape(cin, cout_g, *k)
+    b = shift if bias is None else _f64(bias) * scale + shift
+    return w, b
+
+
+def merge_1x1(
+    outer_w: Tensor, outer_b: Tensor | None, inner_w: Tensor, inner_b: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """Compose ``outer(inner(x))`` where ``outer`` is a 1x1 conv (or Linear) with groups=1.
+
+    ``inner_w`` may have any kernel (out_i, in, *k); ``outer_w`` is (out, out_i[, 1, 1...]).
+    Returns ``W = Wo @ Wi`` (over the inner's output channels) and ``b = bo + Wo @ bi``.
+    """
+    wo = _f64(outer_w).reshape(outer_w.shape[0], outer_w.shape[1])
+    wi = _f64(inner_w)
+    w = torch.einsum("oi,i...->o...", wo, wi)
+    b = torch.zeros(wo.shape[0], dtype=F64) if outer_b is None else _f64(outer_b)
+    if inner_b is not None:
+        b = b + wo @ _f64(inner_b)
+    return w, b
+
+
+def pad_kernel(weight: Tensor, size: int | tuple[int, ...]) -> Tensor:
+    """Zero-pad a conv kernel symmetrically to spatial ``size`` (e.g. a 1x1 to 3x3)."""
+    k = weight.shape[2:]
+    size = (size,) * len(k) if isinstance(size, int) else tuple(size)
+    pads: list[int] = []
+    for have, want in zip(reversed(k), reversed(size), strict=True):
+        extra = want - have
+        if extra < 0 or extra % 2:
+            raise ValueError(f"cannot center a {tuple(k)} kernel in {size}")
+        pads += [extra // 2, extra // 2]
+    return torch.nn.functional.pad(_f64(weight), pads)
+
+
+def identity_kernel(channels: int, groups: int = 1, size: int = 3, dims: int = 2) -> Tensor:
+    """The kernel of a conv (channels -> channels, ``groups``) that returns its input.
+
+    Shape (channels, channels // groups, size, ...): ``K[i, i % (channels // groups), c, c] = 1``.
+    Built in float64, so it works for any model dtype once cast.
+    """
+    if channels % groups:
+        raise ValueError(f"{channels} channels do not split into {groups} groups")
+    per_group = channels // groups
+    k = torch.zeros(channels, per_group, *([size] * dims), dtype=F64)
+    c = size // 2
+    idx = torch.arange(channels)
+    k[(idx, idx % per_group) + (c,) * dims] = 1.0
+    return k
