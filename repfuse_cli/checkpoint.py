@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -87,13 +88,12 @@ def _safe_globals() -> list:
         import numpy as np
     except ImportError:  # no numpy: files with numpy scalars cannot be read anyway
         return allowed
-    scalar = np.core.multiarray.scalar if hasattr(np, "core") else None
     try:
-        from numpy._core.multiarray import scalar as scalar2
-    except ImportError:
-        scalar2 = scalar
-    for s in {scalar, scalar2} - {None}:
-        allowed += [(s, "numpy.core.multiarray.scalar"), (s, "numpy._core.multiarray.scalar")]
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    # numpy 1 pickles scalars as numpy.core..., numpy 2 as numpy._core...: allow both spellings
+    allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     allowed.append(np.dtype)
     allowed += [type(np.dtype(t)) for t in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1")]
     return allowed
@@ -117,10 +117,13 @@ def _torch_load(path: Path, trust: bool) -> Any:
         with torch.serialization.safe_globals(_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
-        asked = _asked_globals(path) if is_zip else []
-        what = ", ".join(asked[:6]) if asked else str(e).splitlines()[0][:160]
+        text = str(e)
+        asked = _asked_globals(path) if is_zip else re.findall(r"GLOBAL ([\w.]+)", text)
+        if not asked:  # not a forbidden type: the pickle itself is broken
+            reason = text.split("WeightsUnpickler error:")[-1].strip().splitlines()[0][:160]
+            raise BadInput(f"{path}: not a readable torch checkpoint ({reason})") from None
         raise UnsafeCheckpoint(
-            f"{path}: refusing to unpickle code from this checkpoint (it asks for: {what}); "
+            f"{path}: refusing to unpickle code from this checkpoint (it asks for: {', '.join(asked[:6])}); "
             "if you trust the file, pass --trust-checkpoint"
         ) from None
 
@@ -153,7 +156,8 @@ def read_file(path: str | os.PathLike, trust: bool = False) -> tuple[Any, str, d
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
+    first = text[0] if text else type(e).__name__
+    return first.split(". ")[0][:200]
 
 
 def _is_weights(obj: Any) -> bool:

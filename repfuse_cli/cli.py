@@ -1,0 +1,155 @@
+"""The `repfuse` command: parse, call the library, render. Nothing else lives here.
+
+torch is imported inside commands only, so `repfuse --help` and `repfuse archs` start fast.
+Errors become one line on stderr and the documented exit code in one place: `_errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from .errors import RepfuseError
+
+app = typer.Typer(
+    name="repfuse",
+    help="Fuse re-parameterized CNN checkpoints (VanillaNet, RepVGG, any conv-BN network) into "
+    "verified deploy-mode safetensors. Exit codes: 0 ok, 1 verification failed, 2 bad input.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Shared options (one definition each, reused by every command).
+KeyOpt = Annotated[str | None, typer.Option("--key", help="Entry holding the weights (model, model_ema, "
+                                            "state_dict, state_dict_ema, ...). Default: the non-EMA weights.")]
+ArchOpt = Annotated[str, typer.Option("--arch", help="auto, a fuser name (see `repfuse archs`), or timm:NAME.")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="conv-bn network: timm:NAME or pkg.module:callable.")]
+VariantOpt = Annotated[str | None, typer.Option("--variant", help="Override the detected variant name.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", rich_help_panel="Safety",
+                                        help="DANGER: unpickle arbitrary code from the checkpoint. "
+                                        "Only for files you trust.")]
+AnnealOpt = Annotated[bool, typer.Option("--assume-annealed", rich_help_panel="Safety",
+                                         help="VanillaNet: convert although the checkpoint records "
+                                         "unfinished deep-training annealing.")]
+ResOpt = Annotated[int | None, typer.Option("--resolution", help="Input height/width for verification and "
+                                            "FLOPs (default: the model's, usually 224).", min=8)]
+BatchOpt = Annotated[int, typer.Option("--batch", help="Batch size of the seeded random inputs.", min=1)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
+AtolOpt = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default per dtype).")]
+RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Tolerance relative to max|output| "
+                                               "(default per dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).")]
+
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _errors(json_out: bool) -> Iterator[None]:
+    """The one place where library errors become a stderr line and an exit code."""
+    try:
+        yield
+    except RepfuseError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"repfuse: error: {msg}", file=sys.stderr)
+        if json_out:
+            result = getattr(e, "result", None)
+            _emit_json({**(result or {}), "error": msg, "exit_code": e.exit_code})
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        print("repfuse: interrupted; nothing written", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
+def _progress(enabled: bool):
+    """A status line on stderr naming the pipeline step; returns (context, on_step)."""
+    if not enabled:
+        return contextlib.nullcontext(), lambda _step: None
+    status = err_console.status("starting")
+    return status, lambda step: status.update(f"repfuse: {step}")
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pth, .pt, .pth.tar, .bin, .safetensors).")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Deploy file. Default: "
+                                                "<input stem>.deploy.safetensors beside the input.")] = None,
+    arch: ArchOpt = "auto",
+    model: ModelOpt = None,
+    variant: VariantOpt = None,
+    key: KeyOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification (not recommended).")] = False,
+    resolution: ResOpt = None,
+    batch: BatchOpt = 1,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
+    assume_annealed: AnnealOpt = False,
+) -> None:
+    """Fuse a training checkpoint into a verified deploy-mode safetensors file."""
+    with _errors(json_out):
+        from .fuser import Options
+        from .pipeline import convert as run_convert
+        from .report import conversion_report
+
+        if trust_checkpoint and not quiet:
+            print(f"repfuse: warning: --trust-checkpoint: unpickling {checkpoint} may run code from it",
+                  file=sys.stderr)
+        ctx, on_step = _progress(not (quiet or json_out))
+        with ctx:
+            result = run_convert(
+                checkpoint, output, arch=arch, key=key, force=force, trust=trust_checkpoint,
+                options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
+                verify=not no_verify, resolution=resolution, batch=batch, seed=seed, atol=atol, rtol=rtol,
+                on_step=on_step,
+            )
+        if json_out:
+            _emit_json(result)
+        elif not quiet:
+            out_console.print(conversion_report(result))
+
+
+@app.command()
+def archs(json_out: JsonOpt = False) -> None:
+    """List the registered fusers (built-in and plugins)."""
+    from .registry import list_fusers
+    from .report import archs_table
+
+    infos = list_fusers()
+    if json_out:
+        _emit_json({"fusers": [{"name": i.name, "origin": i.origin, "summary": i.summary} for i in infos]})
+    else:
+        out_console.print(archs_table(infos))
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        from . import __version__
+
+        print(f"repfuse {__version__}")
+        raise typer.Exit(0)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,261 @@
+"""The conversion pipeline, in one place a reader can follow:
+
+    load -> detect -> build -> fuse -> verify -> report -> save
+
+Everything the CLI does is a call into this module; it prints nothing and raises
+RepfuseError subclasses (with exit codes) for bad input and VerifyFailed when the numbers
+don't match. No output file is written unless verification passed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .checkpoint import Checkpoint, check_finite, load_checkpoint, load_strict
+from .errors import BadInput, UnknownArch, VerifyFailed
+from .fuser import Fused, Fuser, NotThisArch, Options, Plan
+from .registry import all_fusers, get_fuser
+from .save import check_output, default_output, write_safetensors
+from .stats import model_stats
+from .verify import VerifyResult, seeded_inputs, verify_models
+
+DEPLOY_FORMAT = "repfuse-deploy"
+Step = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None) -> tuple[Fuser, Plan]:
+    """Pick the fuser for ``ckpt``: by name, ``timm:NAME``, or the first that recognizes it."""
+    options = options or Options()
+    if ckpt.metadata.get("format") == DEPLOY_FORMAT:
+        raise BadInput(f"{ckpt.path}: is already a repfuse deploy file (nothing to fuse)")
+    if arch.startswith("timm:"):
+        options.model, arch = arch, "conv-bn"
+    if arch != "auto":
+        fuser = get_fuser(arch)
+        try:
+            return fuser, fuser.detect(ckpt, options)
+        except NotThisArch as e:
+            raise UnknownArch(f"{ckpt.path}: not a {arch} checkpoint: {e}") from None
+    if options.model:
+        fuser = get_fuser("conv-bn")
+        return fuser, fuser.detect(ckpt, options)
+    reasons = []
+    for fuser in all_fusers():
+        try:
+            return fuser, fuser.detect(ckpt, options)
+        except NotThisArch as e:
+            reasons.append(f"{fuser.name}: {e}")
+    raise UnknownArch(
+        f"{ckpt.path}: architecture not recognized; name it with --arch "
+        f"(vanillanet, repvgg, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
+    )
+
+
+def build_deploy_model(fuser: Fuser, plan: Plan, tensors: dict[str, Tensor], where: str) -> nn.Module:
+    return load_strict(fuser.build_deploy(plan), tensors, where)
+
+
+@dataclass
+class Conversion:
+    """Everything a conversion produced, for the caller to report or use."""
+
+    ckpt: Checkpoint
+    fuser: Fuser
+    plan: Plan
+    fused: Fused
+    train: nn.Module
+    deploy: nn.Module
+    verify: VerifyResult | None
+    result: dict[str, Any]
+
+
+def convert(
+    path: str | Path,
+    output: str | Path | None = None,
+    *,
+    arch: str = "auto",
+    key: str | None = None,
+    options: Options | None = None,
+    force: bool = False,
+    trust: bool = False,
+    verify: bool = True,
+    resolution: int | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    write: bool = True,
+    on_step: Step = _noop,
+    quiet: bool = True,  # accepted for API symmetry with the CLI; the library never prints
+) -> dict[str, Any]:
+    """Convert a training checkpoint into a verified deploy-mode safetensors file.
+
+    Returns the result as a JSON-ready dict (the same object ``repfuse convert --json``
+    prints). Raises RepfuseError (exit code 2) for bad input and VerifyFailed (exit 1) when
+    the deploy model's outputs differ; in both cases nothing is written.
+
+    Example::
+
+        from repfuse_cli import convert, load_deploy
+        res = convert("checkpoint-299.pth", arch="vanillanet")
+        model = load_deploy(res["output"])
+    """
+    return run_conversion(
+        path, output, arch=arch, key=key, options=options, force=force, trust=trust, verify=verify,
+        resolution=resolution, batch=batch, seed=seed, atol=atol, rtol=rtol, write=write, on_step=on_step,
+    ).result
+
+
+def run_conversion(
+    path: str | Path,
+    output: str | Path | None = None,
+    *,
+    arch: str = "auto",
+    key: str | None = None,
+    options: Options | None = None,
+    force: bool = False,
+    trust: bool = False,
+    verify: bool = True,
+    resolution: int | None = None,
+    batch: int = 1,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    write: bool = True,
+    on_step: Step = _noop,
+) -> Conversion:
+    """:func:`convert`, returning the models and intermediate results as well."""
+    t0 = time.perf_counter()
+    src = Path(path)
+    out = Path(output) if output is not None else default_output(src)
+    if write:
+        check_output(out, src, force)
+
+    on_step("load")
+    ckpt = load_checkpoint(src, key=key, trust=trust)
+    check_finite(ckpt.state_dict, src)
+
+    on_step("detect")
+    fuser, plan = detect(ckpt, arch, options)
+
+    on_step("build")
+    train = fuser.build_train(plan, ckpt.state_dict)
+
+    on_step("fuse")
+    fused = fuser.fuse(plan, ckpt.state_dict, train)
+    deploy_plan = Plan(plan.arch, plan.variant, plan.layout, fused.config, plan.notes, plan.input_size,
+                       plan.num_classes)
+    deploy = build_deploy_model(fuser, deploy_plan, fused.tensors, f"{fuser.name} deploy model")
+
+    c, h, w = plan.input_size
+    if resolution:
+        h = w = resolution
+    result_verify = None
+    if verify:
+        on_step("verify")
+        x = seeded_inputs(batch, (c, h, w), seed)
+        result_verify = verify_models(
+            train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol,
+            exclude=fused.config.get("fused_modules", []),
+            inputs_desc=f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}",
+        )
+
+    on_step("report")
+    before, after = model_stats(train, (1, c, h, w)), model_stats(deploy, (1, c, h, w))
+    result: dict[str, Any] = {
+        "input": str(src),
+        "output": str(out) if write else None,
+        "arch": plan.arch,
+        "variant": plan.variant,
+        "layout": plan.layout,
+        "key": ckpt.key,
+        "weight_keys": ckpt.weight_keys,
+        "ema_available": ckpt.ema_keys,
+        "stripped_prefixes": ckpt.stripped_prefixes,
+        "dtype": str(ckpt.dtype).replace("torch.", ""),
+        "resolution": h,
+        "params_before": before.params,
+        "params_after": after.params,
+        "flops_before": before.flops,
+        "flops_after": after.flops,
+        "bn_folded": fused.counts.get("bn_folded", 0),
+        "fused": dict(fused.counts),
+        "unfused": [{"module": m, "reason": r} for m, r in fused.unfused],
+        "notes": list(plan.notes),
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+        "verify": result_verify.to_dict() if result_verify else None,
+        "repfuse_version": __version__,
+    }
+    conv = Conversion(ckpt, fuser, deploy_plan, fused, train, deploy, result_verify, result)
+    if result_verify is not None and not result_verify.passed:
+        result["output"] = None
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        where = f"; outputs first diverge at `{result_verify.diverges_at}`" if result_verify.diverges_at else ""
+        raise VerifyFailed(
+            f"{src}: verification failed: max abs diff {result_verify.max_abs_diff:.3g}, "
+            f"max rel diff {result_verify.max_rel_diff:.3g} (tolerance atol {result_verify.atol:g}, "
+            f"rtol {result_verify.rtol:g}){where}; no output written",
+            result=result,
+        )
+
+    if write:
+        on_step("save")
+        meta = {
+            "format": DEPLOY_FORMAT,
+            "repfuse_version": __version__,
+            "source": src.name,
+            "source_sha256": ckpt.sha256(),
+            "source_key": ckpt.key or "",
+            "dtype": result["dtype"],
+            **deploy_plan.to_metadata(),
+        }
+        write_safetensors(fused.tensors, out, meta, force)
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return conv
+
+
+def read_deploy(path: str | Path) -> tuple[Plan, dict[str, Tensor], dict[str, str]]:
+    """Read a repfuse deploy file: its plan, tensors and metadata (BadInput if not one)."""
+    from .checkpoint import read_file
+
+    path = Path(path)
+    if not path.name.endswith(".safetensors"):
+        raise BadInput(f"{path}: not a safetensors deploy file")
+    tensors, _, meta = read_file(path)
+    if meta.get("format") != DEPLOY_FORMAT or "arch" not in meta:
+        raise BadInput(f"{path}: not written by repfuse (no `{DEPLOY_FORMAT}` metadata)")
+    try:
+        plan = Plan.from_metadata(meta)
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInput(f"{path}: damaged repfuse metadata ({e})") from None
+    return plan, tensors, meta
+
+
+def load_deploy(path: str | Path) -> nn.Module:
+    """Rebuild the deploy model (eval mode) from any deploy file repfuse wrote.
+
+    Example::
+
+        model = repfuse_cli.load_deploy("resnet18.deploy.safetensors")
+        logits = model(images)
+    """
+    plan, tensors, _ = read_deploy(path)
+    fuser = get_fuser(plan.arch)
+    return build_deploy_model(fuser, plan, tensors, str(path))
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)

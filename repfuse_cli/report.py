@@ -1,0 +1,118 @@
+"""Rendering results as rich tables. Takes the JSON-ready dicts the library returns, so the
+tables and ``--json`` always say the same thing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+ROWS = (
+    ("params", "Parameters", "count"),
+    ("flops", "FLOPs (2 x MACs)", "count"),
+    ("conv_layers", "Conv layers", "int"),
+    ("linear_layers", "Linear layers", "int"),
+    ("bn_layers", "BatchNorm layers", "int"),
+    ("norm_ops", "Norm ops / forward", "int"),
+    ("elementwise_ops", "Elementwise ops / forward", "int"),
+    ("weight_bytes", "Weight bytes", "bytes"),
+)
+
+
+def human(n: float | None, kind: str = "count") -> str:
+    if n is None:
+        return "n/a"
+    if kind == "int":
+        return f"{int(n):,}"
+    units = ("", "K", "M", "G", "T") if kind == "count" else (" B", " KiB", " MiB", " GiB", " TiB")
+    base = 1000.0 if kind == "count" else 1024.0
+    x, i = float(n), 0
+    while abs(x) >= base and i < len(units) - 1:
+        x, i = x / base, i + 1
+    if i == 0:
+        return f"{int(x):,}{units[0]}"
+    return f"{x:.2f}{units[i]}"
+
+
+def change(before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return ""
+    if before == 0:
+        return "" if after == 0 else "new"
+    pct = (after - before) / before * 100
+    return "0%" if abs(pct) < 0.005 else f"{pct:+.2f}%"
+
+
+def stats_table(before: dict[str, Any], after: dict[str, Any], resolution: int) -> Table:
+    t = Table(title=f"Training model vs deploy model (input {resolution}x{resolution}, batch 1)",
+              title_justify="left")
+    t.add_column("")
+    t.add_column("train", justify="right")
+    t.add_column("deploy", justify="right")
+    t.add_column("change", justify="right")
+    for key, label, kind in ROWS:
+        b, a = before.get(key), after.get(key)
+        t.add_row(label, human(b, kind), human(a, kind), change(b, a))
+    return t
+
+
+def verify_lines(v: dict[str, Any] | None) -> list[Text]:
+    if v is None:
+        return [Text("verification: skipped (--no-verify)", style="yellow")]
+    ok = v["passed"]
+    line = Text("verification: ")
+    line.append("PASSED" if ok else "FAILED", style="bold green" if ok else "bold red")
+    line.append(
+        f"  max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}, "
+        f"cosine {v['cosine']:.9f}"
+    )
+    if v.get("top1_agreement") is not None:
+        line.append(f", top-1 agreement {v['top1_agreement'] * 100:.2f}%")
+    lines = [line, Text(f"  on {v['inputs']}; {v['dtype']} weights computed in {v['compute_dtype']} "
+                        f"on {v['device']}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g} x max|output|",
+                        style="dim")]
+    if v.get("accuracy_train") is not None:
+        lines.append(Text(f"  accuracy on the labelled inputs: train {v['accuracy_train'] * 100:.2f}%, "
+                          f"deploy {v['accuracy_deploy'] * 100:.2f}%"))
+    if v.get("diverges_at"):
+        lines.append(Text(f"  outputs first diverge at `{v['diverges_at']}`", style="red"))
+    return lines
+
+
+def conversion_report(r: dict[str, Any]) -> Group:
+    parts: list[Any] = [stats_table(r["before"], r["after"], r["resolution"])]
+    key = r["key"] or "(bare state_dict)"
+    ema = r.get("ema_available") or []
+    if ema and r["key"] not in ema:
+        key += f"  [yellow](EMA weights also present: {', '.join(ema)}; use --key to choose them)[/]"
+    parts.append(Text.from_markup(f"architecture: [bold]{r['arch']}[/]  variant: [bold]{r['variant']}[/]  "
+                                  f"layout: {r['layout']}  dtype: {r['dtype']}"))
+    parts.append(Text.from_markup(f"weights: {key}"))
+    fused = r.get("fused") or {}
+    desc = {"bn_folded": "BN folds", "branch_merges": "branch merges", "chain_merges": "1x1 chain merges"}
+    parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in fused.items())))
+    unfused = r.get("unfused") or []
+    if unfused:
+        parts.append(Text(f"left unfused: {len(unfused)}", style="yellow"))
+        for u in unfused[:8]:
+            parts.append(Text(f"  {u['module']}: {u['reason']}", style="yellow"))
+        if len(unfused) > 8:
+            parts.append(Text(f"  ... and {len(unfused) - 8} more (see --json)", style="yellow"))
+    for n in r.get("notes") or []:
+        parts.append(Text(f"note: {n}", style="yellow"))
+    parts.extend(verify_lines(r.get("verify")))
+    if r.get("output"):
+        parts.append(Text.from_markup(f"wrote [bold]{r['output']}[/] in {r['seconds']:.2f} s"))
+    return Group(*parts)
+
+
+def archs_table(infos) -> Table:
+    t = Table(title="Registered fusers (--arch)", title_justify="left")
+    t.add_column("name", style="bold")
+    t.add_column("origin")
+    t.add_column("what it fuses")
+    for i in infos:
+        t.add_row(i.name, i.origin, i.summary)
+    return t

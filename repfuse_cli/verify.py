@@ -1,0 +1,170 @@
+"""Proof that two models compute the same function: seeded inputs, max abs/rel diffs, and
+when they disagree, the first shared module boundary whose output diverges."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+# Default tolerances per checkpoint dtype: (atol, rtol). A result passes when
+# max|train - deploy| <= atol + rtol * max|train| (differences relative to the output's scale).
+# Half-precision models are compared computing in float32, so what is measured is the error
+# of the fused weights, not of CPU half kernels.
+TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-9),
+    torch.float32: (1e-6, 1e-4),
+    torch.float16: (1e-4, 1e-2),
+    torch.bfloat16: (1e-3, 5e-2),
+}
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    max_rel_diff: float  # max |a - b| / max |a|
+    cosine: float
+    top1_agreement: float | None  # classifiers only
+    passed: bool
+    atol: float
+    rtol: float
+    dtype: str  # the checkpoint dtype
+    compute_dtype: str
+    device: str
+    inputs: str  # what the models were run on
+    diverges_at: str | None = None  # first shared module whose output differs (on failure)
+    accuracy_train: float | None = None  # with labelled inputs
+    accuracy_deploy: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def seeded_inputs(batch: int, input_size: tuple[int, int, int], seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, *input_size, generator=g)
+
+
+def _state(model: nn.Module, dtype: torch.dtype, device: str) -> dict[str, Tensor]:
+    out = {}
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        out[n] = t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+    return out
+
+
+def run(model: nn.Module, x: Tensor, dtype: torch.dtype, device: str = "cpu") -> Tensor:
+    """Forward ``model`` on ``x`` in ``dtype`` on ``device`` without modifying the module."""
+    with torch.inference_mode():
+        return functional_call(model, _state(model, dtype, device), (x.to(device=device, dtype=dtype),))
+
+
+def _no_tf32():
+    class _Ctx:
+        def __enter__(self):
+            self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+
+        def __exit__(self, *exc):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
+
+    return _Ctx()
+
+
+def compare_outputs(a: Tensor, b: Tensor) -> tuple[float, float, float, float | None]:
+    a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
+    diff = (a64 - b64).abs().max().item()
+    scale = a64.abs().max().item()
+    rel = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    cos = torch.nn.functional.cosine_similarity(a64.flatten(), b64.flatten(), dim=0).item()
+    top1 = None
+    if a64.dim() == 2 and a64.shape[1] > 1:
+        top1 = (a64.argmax(1) == b64.argmax(1)).double().mean().item()
+    return diff, rel, cos, top1
+
+
+def boundaries(train: nn.Module, deploy: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """Module names both models share (minus ``exclude``): where their outputs must agree."""
+    excluded = set(exclude)
+    d = dict(deploy.named_modules())
+    return [n for n, _ in train.named_modules() if n and n in d and n not in excluded]
+
+
+def _capture(model: nn.Module, names: list[str], x: Tensor, dtype, device) -> tuple[list[str], dict]:
+    order: list[str] = []
+    outs: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    hooks = []
+    for n in names:
+        def hook(_m, _i, out, n=n):
+            if n not in outs and isinstance(out, Tensor):
+                outs[n] = out.detach().double().cpu()
+                order.append(n)
+        hooks.append(modules[n].register_forward_hook(hook))
+    try:
+        run(model, x, dtype, device)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order, outs
+
+
+def locate_divergence(
+    train: nn.Module, deploy: nn.Module, x: Tensor, dtype, atol: float, rtol: float,
+    device: str = "cpu", exclude: Iterable[str] = (),
+) -> str | None:
+    """The first shared module (in execution order) whose output differs beyond tolerance."""
+    names = boundaries(train, deploy, exclude)
+    order, a = _capture(train, names, x, dtype, device)
+    _, b = _capture(deploy, names, x, dtype, device)
+    for n in order:
+        if n in b and a[n].shape == b[n].shape:
+            diff = (a[n] - b[n]).abs().max().item()
+            if diff > atol + rtol * a[n].abs().max().item():
+                return n
+    return None
+
+
+def verify_models(
+    train: nn.Module,
+    deploy: nn.Module,
+    x: Tensor,
+    dtype: torch.dtype,
+    *,
+    atol: float | None = None,
+    rtol: float | None = None,
+    device: str = "cpu",
+    labels: Tensor | None = None,
+    exclude: Iterable[str] = (),
+    inputs_desc: str = "",
+) -> VerifyResult:
+    """Run both models on ``x``; pass when max|a-b| <= atol + rtol*max|a|."""
+    d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
+    atol = d_atol if atol is None else atol
+    rtol = d_rtol if rtol is None else rtol
+    cdt = compute_dtype(dtype)
+    with _no_tf32():
+        a = run(train, x, cdt, device)
+        b = run(deploy, x, cdt, device)
+        diff, rel, cos, top1 = compare_outputs(a, b)
+        scale = a.detach().abs().max().item()
+        passed = bool(diff <= atol + rtol * scale) and bool(torch.isfinite(b).all())
+        where = None if passed else locate_divergence(train, deploy, x, cdt, atol, rtol, device, exclude)
+    acc_a = acc_b = None
+    if labels is not None and a.dim() == 2:
+        lab = labels.to(a.device)
+        acc_a = (a.argmax(1) == lab).double().mean().item()
+        acc_b = (b.argmax(1) == lab).double().mean().item()
+    return VerifyResult(
+        max_abs_diff=diff, max_rel_diff=rel, cosine=cos, top1_agreement=top1, passed=passed,
+        atol=atol, rtol=rtol, dtype=str(dtype).replace("torch.", ""),
+        compute_dtype=str(cdt).replace("torch.", ""), device=device, inputs=inputs_desc,
+        diverges_at=where, accuracy_train=acc_a, accuracy_deploy=acc_b,
+    )
