@@ -42,6 +42,7 @@ class Checkpoint:
     extras: dict[str, Any] = field(default_factory=dict)  # epoch, arch, args (as dict), ...
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors metadata
     stripped_prefixes: list[str] = field(default_factory=list)
+    entries: dict[str, str] = field(default_factory=dict)  # top-level entry -> what it holds
 
     @property
     def ema_keys(self) -> list[str]:
@@ -239,7 +240,25 @@ def load_checkpoint(path: str | os.PathLike, key: str | None = None, trust: bool
     extras = {} if chosen is None and _is_weights(obj) else {
         k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")
     }
-    return Checkpoint(path, fmt, sd, chosen, weight_keys, extras, dict(meta), stripped)
+    entries = {} if chosen is None and _is_weights(obj) else {str(k): _describe(v) for k, v in obj.items()}
+    return Checkpoint(path, fmt, sd, chosen, weight_keys, extras, dict(meta), stripped, entries)
+
+
+def _describe(v: Any) -> str:
+    if _is_weights(v):
+        return f"weights ({len(v)} tensors)"
+    if isinstance(v, argparse.Namespace):
+        return f"argparse.Namespace ({len(vars(v))} fields)"
+    if isinstance(v, Mapping):
+        if "param_groups" in v:
+            return "optimizer state"
+        return f"dict ({len(v)} entries)"
+    if isinstance(v, Tensor):
+        return f"tensor {tuple(v.shape)}"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} ({len(v)} items)"
+    text = repr(_plain(v))
+    return f"{type(v).__name__} {text[:40]}"
 
 
 def _default_key(path: Path, weight_keys: list[str]) -> str:

@@ -128,6 +128,68 @@ def convert(
 
 
 @app.command()
+def verify(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint.")],
+    deploy: Annotated[Path, typer.Argument(help="Deploy file (repfuse's, or a deploy state_dict in the same layout).")],
+    arch: ArchOpt = "auto",
+    model: ModelOpt = None,
+    variant: VariantOpt = None,
+    key: KeyOpt = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", help="Real inputs: images (N,C,H,W) in .pt, .npy "
+                                                "or .safetensors, optionally with `labels`.")] = None,
+    batch: BatchOpt = 4,
+    resolution: ResOpt = None,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (TF32 is turned off).")] = "cpu",
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
+    assume_annealed: AnnealOpt = False,
+) -> None:
+    """Prove a deploy file computes what the training checkpoint computes (exit 0), or say where not (exit 1)."""
+    with _errors(json_out):
+        from .fuser import Options
+        from .pipeline import verify_files
+        from .report import verify_report
+
+        ctx, _ = _progress(not (quiet or json_out))
+        with ctx:
+            result = verify_files(
+                checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint, inputs=inputs, batch=batch,
+                options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
+                resolution=resolution, seed=seed, atol=atol, rtol=rtol, device=device,
+            )
+        if json_out:
+            _emit_json(result)
+        elif not quiet:
+            out_console.print(verify_report(result))
+
+
+@app.command()
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint or deploy file.")],
+    arch: ArchOpt = "auto",
+    model: ModelOpt = None,
+    key: KeyOpt = None,
+    json_out: JsonOpt = False,
+    trust_checkpoint: TrustOpt = False,
+) -> None:
+    """Show what a file holds and what a conversion would do, before converting."""
+    with _errors(json_out):
+        from .fuser import Options
+        from .pipeline import inspect_file
+        from .report import inspect_report
+
+        result = inspect_file(checkpoint, key=key, arch=arch, options=Options(model=model), trust=trust_checkpoint)
+        if json_out:
+            _emit_json(result)
+        else:
+            out_console.print(inspect_report(result))
+
+
+@app.command()
 def archs(json_out: JsonOpt = False) -> None:
     """List the registered fusers (built-in and plugins)."""
     from .registry import list_fusers

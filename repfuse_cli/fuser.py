@@ -8,6 +8,7 @@ A fuser never mutates the state_dict or model it is given; it returns new tensor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)  # assumptions and warnings for the report
     input_size: tuple[int, int, int] = (3, 224, 224)  # (C, H, W) the model expects
     num_classes: int | None = None  # classifier outputs, for top-1 agreement
+
+    def with_config(self, config: dict[str, Any]) -> Plan:
+        """This plan with the deploy config a fuser returned (``Fused.config``)."""
+        return dataclasses.replace(self, config=config)
 
     def to_metadata(self) -> dict[str, str]:
         return {

@@ -155,8 +155,7 @@ def run_conversion(
 
     on_step("fuse")
     fused = fuser.fuse(plan, ckpt.state_dict, train)
-    deploy_plan = Plan(plan.arch, plan.variant, plan.layout, fused.config, plan.notes, plan.input_size,
-                       plan.num_classes)
+    deploy_plan = plan.with_config(fused.config)
     deploy = build_deploy_model(fuser, deploy_plan, fused.tensors, f"{fuser.name} deploy model")
 
     c, h, w = plan.input_size
@@ -257,5 +256,181 @@ def load_deploy(path: str | Path) -> nn.Module:
     return build_deploy_model(fuser, plan, tensors, str(path))
 
 
-def torch_dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
+    """Images (N, C, H, W) and optional labels from a .pt, .npy or .safetensors file.
+
+    .pt / .safetensors may hold one tensor or ``images`` (and ``labels``) entries; .pt is read
+    with ``weights_only=True``; .npy with ``allow_pickle=False``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such inputs file")
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            obj: Any = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+        elif path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise BadInput(f"{path}: inputs must be .pt, .npy or .safetensors")
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"{path}: cannot read inputs ({str(e).splitlines()[0][:160]})") from None
+    labels = None
+    if isinstance(obj, dict):
+        if "images" not in obj and len(obj) != 1:
+            raise BadInput(f"{path}: expected one tensor or an `images` entry (found {', '.join(map(str, obj))})")
+        labels = obj.get("labels")
+        obj = obj["images"] if "images" in obj else next(iter(obj.values()))
+    if not isinstance(obj, Tensor) or obj.dim() != 4 or not obj.is_floating_point():
+        raise BadInput(f"{path}: images must be a float tensor of shape (N, C, H, W)")
+    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != obj.shape[:1]):
+        raise BadInput(f"{path}: labels must be a tensor of shape ({obj.shape[0]},)")
+    return obj.float(), labels
+
+
+def verify_files(
+    checkpoint: str | Path,
+    deploy_path: str | Path,
+    *,
+    arch: str = "auto",
+    key: str | None = None,
+    options: Options | None = None,
+    trust: bool = False,
+    inputs: str | Path | None = None,
+    batch: int = 4,
+    resolution: int | None = None,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Check that DEPLOY computes what CHECKPOINT's training model computes.
+
+    DEPLOY is a file repfuse wrote, or any deploy state_dict in the layout the fuser writes
+    (e.g. the official VanillaNet/RepVGG converters' output). Returns the result dict; raises
+    VerifyFailed (exit 1) when outputs differ beyond tolerance, naming where they diverge.
+    """
+    t0 = time.perf_counter()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput("--device cuda: no CUDA device is available here")
+    ckpt = load_checkpoint(checkpoint, key=key, trust=trust)
+    check_finite(ckpt.state_dict, ckpt.path)
+    fuser, plan = detect(ckpt, arch, options)
+    train = fuser.build_train(plan, ckpt.state_dict)
+
+    deploy_path = Path(deploy_path)
+    meta: dict[str, str] = {}
+    if deploy_path.name.endswith(".safetensors"):
+        from .checkpoint import read_file
+
+        _, _, meta = read_file(deploy_path)
+    notes = []
+    if meta.get("format") == DEPLOY_FORMAT:
+        deploy_plan, tensors, meta = read_deploy(deploy_path)
+        if meta.get("source_sha256") and meta["source_sha256"] != ckpt.sha256():
+            notes.append(f"{deploy_path.name} was converted from another file ({meta.get('source', '?')})")
+    else:  # a deploy state_dict from another tool: rebuild the deploy model our fuser would write
+        tensors = load_checkpoint(deploy_path, trust=trust).state_dict
+        deploy_plan = plan.with_config(fuser.fuse(plan, ckpt.state_dict, train).config)
+    check_finite(tensors, deploy_path)
+    deploy_fuser = get_fuser(deploy_plan.arch)
+    deploy = build_deploy_model(deploy_fuser, deploy_plan, tensors, str(deploy_path))
+
+    labels = None
+    if inputs is not None:
+        x, labels = load_inputs(inputs)
+        desc = f"{x.shape[0]} images from {Path(inputs).name}" + (" with labels" if labels is not None else "")
+    else:
+        c, h, w = plan.input_size
+        if resolution:
+            h = w = resolution
+        x = seeded_inputs(batch, (c, h, w), seed)
+        desc = f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}"
+    result_verify = verify_models(
+        train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol, device=device, labels=labels,
+        exclude=deploy_plan.config.get("fused_modules", []), inputs_desc=desc,
+    )
+    result = {
+        "checkpoint": str(ckpt.path),
+        "deploy": str(deploy_path),
+        "arch": plan.arch,
+        "variant": plan.variant,
+        "layout": plan.layout,
+        "key": ckpt.key,
+        "notes": notes + list(plan.notes),
+        "verify": result_verify.to_dict(),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if not result_verify.passed:
+        where = f"; outputs first diverge at `{result_verify.diverges_at}`" if result_verify.diverges_at else ""
+        raise VerifyFailed(
+            f"{deploy_path}: does not match {ckpt.path.name}: max abs diff {result_verify.max_abs_diff:.3g}, "
+            f"max rel diff {result_verify.max_rel_diff:.3g}{where}",
+            result=result,
+        )
+    return result
+
+
+def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto",
+                 options: Options | None = None, trust: bool = False) -> dict[str, Any]:
+    """What is in a file before anything is converted (the `repfuse inspect` report)."""
+    from .errors import AnnealingUnfinished
+
+    path = Path(path)
+    options = options or Options()
+    ckpt = load_checkpoint(path, key=key, trust=trust)
+    result: dict[str, Any] = {
+        "file": str(path),
+        "format": ckpt.format,
+        "size_bytes": path.stat().st_size,
+        "entries": ckpt.entries,
+        "key": ckpt.key,
+        "weight_keys": ckpt.weight_keys,
+        "epoch": ckpt.epoch,
+        "recorded_arch": ckpt.extras.get("arch") or ckpt.args.get("model"),
+        "dtype": str(ckpt.dtype).replace("torch.", ""),
+        "tensors": len(ckpt.state_dict),
+        "stripped_prefixes": ckpt.stripped_prefixes,
+        "warnings": [],
+    }
+    warnings = result["warnings"]
+    ema = ckpt.ema_keys
+    if ema and ckpt.key not in ema:
+        warnings.append(f"EMA weights present ({', '.join(ema)}) but not the default; convert with --key to use them")
+    if ckpt.metadata.get("format") == DEPLOY_FORMAT:
+        plan = Plan.from_metadata(ckpt.metadata)
+        deploy = load_deploy(path)
+        result.update(mode="deploy (written by repfuse)", arch=plan.arch, variant=plan.variant, layout=plan.layout,
+                      params=sum(p.numel() for p in deploy.parameters()), would_fuse=None,
+                      source=ckpt.metadata.get("source"), repfuse_version=ckpt.metadata.get("repfuse_version"))
+        return result
+    try:
+        fuser, plan = detect(ckpt, arch, options)
+    except AnnealingUnfinished as e:
+        warnings.append(str(e))
+        options.assume_annealed = True
+        fuser, plan = detect(ckpt, arch, options)
+    except UnknownArch as e:
+        result.update(mode="unknown", arch=None, variant=None, params=None, would_fuse=None)
+        warnings.append(str(e))
+        return result
+    check_finite(ckpt.state_dict, path)
+    train = fuser.build_train(plan, ckpt.state_dict)
+    fused = fuser.fuse(plan, ckpt.state_dict, train)
+    warnings.extend(plan.notes)
+    result.update(
+        mode="train", arch=plan.arch, variant=plan.variant, layout=plan.layout,
+        params=sum(p.numel() for p in train.parameters()),
+        would_fuse={**fused.counts, "unfused": len(fused.unfused)},
+        unfused=[{"module": m, "reason": r} for m, r in fused.unfused],
+    )
+    deploy = build_deploy_model(fuser, plan.with_config(fused.config), fused.tensors, f"{fuser.name} deploy model")
+    result["params_after"] = sum(p.numel() for p in deploy.parameters())
+    return result

@@ -116,3 +116,42 @@ def archs_table(infos) -> Table:
     for i in infos:
         t.add_row(i.name, i.origin, i.summary)
     return t
+
+
+def verify_report(r: dict[str, Any]) -> Group:
+    parts: list[Any] = [
+        Text.from_markup(f"checkpoint: [bold]{r['checkpoint']}[/] (weights: {r['key'] or 'bare state_dict'})"),
+        Text.from_markup(f"deploy:     [bold]{r['deploy']}[/]"),
+        Text(f"architecture: {r['arch']}  variant: {r['variant']}  layout: {r['layout']}"),
+    ]
+    parts += [Text(f"note: {n}", style="yellow") for n in r.get("notes") or []]
+    parts += verify_lines(r["verify"])
+    return Group(*parts)
+
+
+def inspect_report(r: dict[str, Any]) -> Group:
+    t = Table(title=f"{r['file']} ({r['format']}, {human(r['size_bytes'], 'bytes')})", title_justify="left")
+    t.add_column("entry", style="bold")
+    t.add_column("holds")
+    for k, v in (r.get("entries") or {}).items():
+        mark = "  <- weights used" if k == r.get("key") else ""
+        t.add_row(k, v + mark)
+    if not r.get("entries"):
+        t.add_row("(bare state_dict)", f"{r['tensors']} tensors")
+    parts: list[Any] = [t]
+    parts.append(Text(f"mode: {r['mode']}  architecture: {r.get('arch')}  variant: {r.get('variant')}  "
+                      f"layout: {r.get('layout', '-')}  dtype: {r['dtype']}"))
+    if r.get("epoch") is not None or r.get("recorded_arch"):
+        parts.append(Text(f"recorded: epoch {r.get('epoch')}, model {r.get('recorded_arch')}"))
+    if r.get("params") is not None:
+        line = f"parameters: {human(r['params'])}"
+        if r.get("params_after") is not None:
+            line += f" -> {human(r['params_after'])} after fusion ({change(r['params'], r['params_after'])})"
+        parts.append(Text(line))
+    if r.get("would_fuse"):
+        wf = r["would_fuse"]
+        parts.append(Text(f"a conversion would fuse: {wf.get('bn_folded', 0)} BN folds, "
+                          f"{wf.get('branch_merges', 0)} branch merges, {wf.get('chain_merges', 0)} 1x1 chain merges;"
+                          f" {wf.get('unfused', 0)} BN left unfused"))
+    parts += [Text(f"warning: {w}", style="yellow") for w in r.get("warnings") or []]
+    return Group(*parts)

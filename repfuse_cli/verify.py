@@ -120,16 +120,24 @@ def locate_divergence(
     train: nn.Module, deploy: nn.Module, x: Tensor, dtype, atol: float, rtol: float,
     device: str = "cpu", exclude: Iterable[str] = (),
 ) -> str | None:
-    """The first shared module (in execution order) whose output differs beyond tolerance."""
+    """Where the outputs first differ beyond tolerance: the outermost shared block that
+    diverges, and inside it the first shared module (in execution order), e.g.
+    ``"stages.1 (first at stages.1.pool)"``. None if every shared boundary agrees."""
     names = boundaries(train, deploy, exclude)
     order, a = _capture(train, names, x, dtype, device)
     _, b = _capture(deploy, names, x, dtype, device)
-    for n in order:
-        if n in b and a[n].shape == b[n].shape:
-            diff = (a[n] - b[n]).abs().max().item()
-            if diff > atol + rtol * a[n].abs().max().item():
-                return n
-    return None
+
+    def differs(n: str) -> bool:
+        if n not in b or a[n].shape != b[n].shape:
+            return False
+        return (a[n] - b[n]).abs().max().item() > atol + rtol * a[n].abs().max().item()
+
+    first = next((n for n in order if differs(n)), None)
+    if first is None:
+        return None
+    ancestors = [n for n in order if first.startswith(n + ".") and differs(n)]
+    block = min(ancestors, key=len) if ancestors else None
+    return f"{block} (first at {first})" if block else first
 
 
 def verify_models(

@@ -1,0 +1,162 @@
+"""`repfuse verify` and `repfuse inspect`, and the report's figures against hand counts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import timm
+import torch
+from conftest import randomize_bn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from toy_models import ReversedOrder
+from typer.testing import CliRunner
+
+from repfuse_cli.cli import app
+from repfuse_cli.stats import model_stats
+
+runner = CliRunner()
+TOY = ["--model", "toy_models:reversed_order", "--resolution", "16"]
+
+
+def cli(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resnet")
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("resnet18", num_classes=10), seed=3).eval()
+    ckpt = d / "checkpoint-9.pth.tar"
+    torch.save({"epoch": 9, "arch": "resnet18", "args": argparse.Namespace(model="resnet18"),
+                "state_dict": model.state_dict(), "state_dict_ema": model.state_dict()}, ckpt)
+    r = cli("convert", ckpt, "-q")
+    assert r.exit_code == 0, r.stderr
+    return model, ckpt, d / "checkpoint-9.deploy.safetensors"
+
+
+def tamper(src, dst, key, delta):
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    w = tensors[key].clone()
+    w.view(-1)[0] += delta
+    tensors[key] = w
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_verify_passes_on_a_correct_deploy_file(resnet):
+    _, ckpt, deploy = resnet
+    r = cli("verify", ckpt, deploy, "--json")
+    assert r.exit_code == 0, r.stderr
+    v = json.loads(r.stdout)["verify"]
+    assert v["passed"] and v["max_rel_diff"] < 1e-5 and v["cosine"] > 0.999999 and v["top1_agreement"] == 1.0
+    assert v["device"] == "cpu" and "batch 4" in v["inputs"]
+    r = cli("verify", ckpt, deploy)
+    assert "verification: PASSED" in r.stdout
+
+
+def test_tampered_deploy_file_fails_and_names_the_block(resnet, tmp_path):
+    _, ckpt, deploy = resnet
+    bad = tmp_path / "tampered.safetensors"
+    tamper(deploy, bad, "layer4.1.conv2.weight", 0.05)  # one weight, a small change (~5e-4 of the output)
+    r = cli("verify", ckpt, bad, "--json")
+    assert r.exit_code == 1, r.stderr
+    res = json.loads(r.stdout)
+    assert res["verify"]["passed"] is False and res["exit_code"] == 1
+    assert 1e-4 < res["verify"]["max_rel_diff"] < 1e-2
+    assert res["verify"]["diverges_at"].startswith("layer4 (first at layer4.1.")
+    assert "diverge at `layer4" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_verify_accepts_a_plain_deploy_state_dict_from_another_tool(resnet, tmp_path):
+    _, ckpt, deploy = resnet
+    with safe_open(str(deploy), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    torch.save({"model": sd}, tmp_path / "official_style.pth")
+    r = cli("verify", ckpt, tmp_path / "official_style.pth")
+    assert r.exit_code == 0, r.stderr
+
+
+def test_verify_with_real_inputs_and_labels(resnet, tmp_path):
+    model, ckpt, deploy = resnet
+    x = torch.randn(6, 3, 64, 64)
+    with torch.no_grad():
+        labels = model(x).argmax(1)
+    labels[0] = (labels[0] + 1) % 10  # one wrong label: accuracy 5/6 for both models
+    torch.save({"images": x, "labels": labels}, tmp_path / "batch.pt")
+    r = cli("verify", ckpt, deploy, "--inputs", tmp_path / "batch.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    v = json.loads(r.stdout)["verify"]
+    assert v["accuracy_train"] == pytest.approx(5 / 6) and v["accuracy_deploy"] == pytest.approx(5 / 6)
+    assert "6 images from batch.pt with labels" == v["inputs"]
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", x.numpy())
+    assert cli("verify", ckpt, deploy, "--inputs", tmp_path / "x.npy").exit_code == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["{ckpt}", "{tmp}/missing.safetensors"], "no such file"),
+    (["{ckpt}", "{ckpt}"], "do not match"),  # a training file is not a deploy file of this layout
+    (["{ckpt}", "{deploy}", "--inputs", "{tmp}/nope.pt"], "no such inputs file"),
+    (["{ckpt}", "{deploy}", "--device", "cuda"], "cuda"),
+])
+def test_verify_bad_input_exits_2(resnet, tmp_path, args, needle):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    _, ckpt, deploy = resnet
+    r = cli("verify", *[a.format(ckpt=ckpt, deploy=deploy, tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, (r.stdout, r.stderr)
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_reports_entries_arch_and_warnings(resnet):
+    _, ckpt, deploy = resnet
+    r = cli("inspect", ckpt, "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["mode"] == "train" and res["arch"] == "conv-bn" and res["variant"] == "resnet18"
+    assert res["entries"]["args"].startswith("argparse.Namespace") and res["epoch"] == 9
+    assert res["would_fuse"]["bn_folded"] == 20 and res["params"] - res["params_after"] == 9600 - 4800
+    assert any("EMA" in w for w in res["warnings"])
+    res = json.loads(cli("inspect", deploy, "--json").stdout)
+    assert res["mode"].startswith("deploy") and res["variant"] == "resnet18"
+    assert "would fuse" in cli("inspect", ckpt).stdout
+
+
+def test_inspect_refuses_unsafe_files(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    r = cli("inspect", tmp_path / "evil.pth")
+    assert r.exit_code == 2 and "builtins.print" in r.stderr and "ran" not in r.stdout
+
+
+def test_report_figures_against_hand_counts():
+    model = ReversedOrder().eval()  # conv 3->8 3x3 pad 1, BN, ReLU, mean, linear 8->4
+    s = model_stats(model, (1, 3, 16, 16))
+    macs = 8 * 3 * 3 * 3 * 16 * 16 + 8 * 4
+    assert s.flops == 2 * macs
+    assert s.params == (8 * 3 * 9) + (8 + 8) + (8 * 4 + 4)
+    assert (s.conv_layers, s.linear_layers, s.bn_layers, s.norm_ops) == (1, 1, 1, 1)
+    assert s.weight_bytes == 4 * (8 * 27 + 16 + 36 + 16) + 8  # + num_batches_tracked (int64)
+
+
+def test_convert_report_and_json_hold_the_same_facts(tmp_path):
+    path = tmp_path / "toy.pth"
+    torch.save({"model": randomize_bn(ReversedOrder()).state_dict()}, path)
+    r = cli("convert", path, *TOY, "--json")
+    res = json.loads(r.stdout)
+    assert res["before"]["norm_ops"] == 1 and res["after"]["norm_ops"] == 0
+    assert res["flops_before"] == res["flops_after"] == 2 * (8 * 27 * 256 + 32)
+    assert res["after"]["bn_layers"] == 0 and res["fused"]["bn_folded"] == 1
+    r = cli("convert", path, *TOY, "--force", "--resolution", "16")
+    for text in ("Parameters", "FLOPs (2 x MACs)", "BatchNorm layers", "Norm ops / forward", "-100.00%",
+                 "Weight bytes", "input 16x16", "1 BN folds", "verification: PASSED", "wrote"):
+        assert text in r.stdout, text
