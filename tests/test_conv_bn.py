@@ -227,8 +227,11 @@ def test_timm_checkpoint_converts_end_to_end(name, tmp_path):
     train32, deploy32 = run(model, x, torch.float32), run(deploy, x, torch.float32)
     if name == "efficientnet_b0":
         # With randomized BN stats this net is so ill-conditioned that float32 itself is off by
-        # ~2e-5 from float64; the fused model must be no less accurate than the unfused one.
-        assert rel_diff(ref64, deploy32) <= 1.5 * rel_diff(ref64, train32)
+        # ~1e-5 from float64: the fused model must agree with the unfused one to within a few
+        # times float32's own error on it.
+        noise = rel_diff(ref64, train32)
+        assert noise > 1e-6
+        assert rel_diff(train32, deploy32) < max(1e-5, 4 * noise)
     else:
         assert rel_diff(train32, deploy32) < 1e-5
 
