@@ -287,6 +287,14 @@ def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Mo
     Tensors are assigned, not copied, so a meta-built model costs no initialisation.
     """
     expected = model.state_dict(keep_vars=True)
+    # Exporters often drop BN's `num_batches_tracked` (unused in eval): torch itself fills in 0.
+    counters = {
+        k: torch.zeros((), dtype=torch.long)
+        for k in expected
+        if k.endswith("num_batches_tracked") and k not in sd and k[: -len("num_batches_tracked")] + "running_mean" in sd
+    }
+    if counters:
+        sd = {**sd, **counters}
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     shapes = [

@@ -601,7 +601,7 @@ class VanillaNetFuser(Fuser):
         cfg = VanillaCfg.from_config(plan.config)
         with torch.device("meta"):
             model = VanillaNet(cfg)
-        return load_strict(model, _with_bn_counters(state_dict), f"{plan.variant} (training layout)")
+        return load_strict(model, state_dict, f"{plan.variant} (training layout)")
 
     def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
         cfg = VanillaCfg.from_config(plan.config)
@@ -613,10 +613,3 @@ class VanillaNetFuser(Fuser):
         with torch.device("meta"):
             return VanillaNetDeploy(cfg).eval()
 
-
-def _with_bn_counters(sd: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Add ``num_batches_tracked`` where an exporter dropped all of them (a shallow copy; values unused)."""
-    means = [k[: -len("running_mean")] for k in sd if k.endswith(".running_mean")]
-    if not means or any(f"{p}num_batches_tracked" in sd for p in means):
-        return sd
-    return {**sd, **{f"{p}num_batches_tracked": torch.zeros((), dtype=torch.long) for p in means}}
