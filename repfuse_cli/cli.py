@@ -190,6 +190,44 @@ def inspect(
 
 
 @app.command()
+def bench(
+    checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint.")],
+    deploy: Annotated[Path | None, typer.Argument(help="Deploy file; default: fuse in memory.")] = None,
+    arch: ArchOpt = "auto",
+    model: ModelOpt = None,
+    key: KeyOpt = None,
+    batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch size; repeat for several "
+                                                    "(default 1).", min=1)] = None,
+    resolution: ResOpt = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (TF32 off, cudnn.benchmark on).")] = "cpu",
+    compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd models.")] = False,
+    warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.", min=1)] = 10,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
+    assume_annealed: AnnealOpt = False,
+) -> None:
+    """Measure the training model (eval) against the deploy model: latency and speedup per batch size."""
+    with _errors(json_out):
+        from .fuser import Options
+        from .pipeline import bench_file
+        from .report import bench_table
+
+        ctx, _ = _progress(not (quiet or json_out))
+        with ctx:
+            result = bench_file(
+                checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint,
+                options=Options(model=model, assume_annealed=assume_annealed), batches=tuple(batch or [1]),
+                resolution=resolution, device=device, compile=compile, warmup=warmup, repeats=repeats,
+            )
+        if json_out:
+            _emit_json(result)
+        elif not quiet:
+            out_console.print(bench_table(result))
+
+
+@app.command()
 def archs(json_out: JsonOpt = False) -> None:
     """List the registered fusers (built-in and plugins)."""
     from .registry import list_fusers

@@ -295,6 +295,93 @@ def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
     return obj.float(), labels
 
 
+@dataclass
+class ModelPair:
+    ckpt: Checkpoint
+    plan: Plan
+    train: nn.Module
+    deploy: nn.Module
+    deploy_plan: Plan
+    notes: list[str]
+
+
+def load_pair(
+    checkpoint: str | Path,
+    deploy_path: str | Path | None,
+    *,
+    arch: str = "auto",
+    key: str | None = None,
+    options: Options | None = None,
+    trust: bool = False,
+) -> ModelPair:
+    """The training model of CHECKPOINT and a deploy model: read from DEPLOY (a repfuse file, or
+    a plain deploy state_dict in the layout the fuser writes), or fused in memory when None."""
+    ckpt = load_checkpoint(checkpoint, key=key, trust=trust)
+    check_finite(ckpt.state_dict, ckpt.path)
+    fuser, plan = detect(ckpt, arch, options)
+    train = fuser.build_train(plan, ckpt.state_dict)
+    notes = list(plan.notes)
+    if deploy_path is None:
+        fused = fuser.fuse(plan, ckpt.state_dict, train)
+        deploy_plan, tensors, where = plan.with_config(fused.config), fused.tensors, f"{fuser.name} deploy model"
+    else:
+        deploy_path = where = Path(deploy_path)
+        meta: dict[str, str] = {}
+        if deploy_path.name.endswith(".safetensors"):
+            from .checkpoint import read_file
+
+            _, _, meta = read_file(deploy_path)
+        if meta.get("format") == DEPLOY_FORMAT:
+            deploy_plan, tensors, meta = read_deploy(deploy_path)
+            if meta.get("source_sha256") and meta["source_sha256"] != ckpt.sha256():
+                notes.insert(0, f"{deploy_path.name} was converted from another file ({meta.get('source', '?')})")
+        else:  # a deploy state_dict from another tool: rebuild the deploy model our fuser would write
+            tensors = load_checkpoint(deploy_path, trust=trust).state_dict
+            deploy_plan = plan.with_config(fuser.fuse(plan, ckpt.state_dict, train).config)
+        check_finite(tensors, deploy_path)
+    deploy = build_deploy_model(get_fuser(deploy_plan.arch), deploy_plan, tensors, str(where))
+    return ModelPair(ckpt, plan, train, deploy, deploy_plan, notes)
+
+
+def bench_file(
+    checkpoint: str | Path,
+    deploy_path: str | Path | None = None,
+    *,
+    arch: str = "auto",
+    key: str | None = None,
+    options: Options | None = None,
+    trust: bool = False,
+    batches: tuple[int, ...] = (1,),
+    resolution: int | None = None,
+    device: str = "cpu",
+    compile: bool = False,
+    warmup: int = 3,
+    repeats: int = 10,
+) -> dict[str, Any]:
+    """Latency of the training model (eval) against the deploy model (``repfuse bench``)."""
+    from .benchmark import bench_models
+
+    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust)
+    c, h, w = m.plan.input_size
+    if resolution:
+        h = w = resolution
+    rows = bench_models(m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile,
+                        warmup=warmup, repeats=repeats)
+    return {
+        "checkpoint": str(m.ckpt.path),
+        "deploy": str(deploy_path) if deploy_path else "(fused in memory)",
+        "arch": m.plan.arch,
+        "variant": m.plan.variant,
+        "device": device if device == "cpu" else torch.cuda.get_device_name(device),
+        "threads": torch.get_num_threads(),
+        "resolution": h,
+        "warmup": warmup,
+        "repeats": repeats,
+        "rows": [r.to_dict() for r in rows],
+        "torch": torch.__version__,
+    }
+
+
 def verify_files(
     checkpoint: str | Path,
     deploy_path: str | Path,
@@ -320,28 +407,8 @@ def verify_files(
     t0 = time.perf_counter()
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput("--device cuda: no CUDA device is available here")
-    ckpt = load_checkpoint(checkpoint, key=key, trust=trust)
-    check_finite(ckpt.state_dict, ckpt.path)
-    fuser, plan = detect(ckpt, arch, options)
-    train = fuser.build_train(plan, ckpt.state_dict)
-
-    deploy_path = Path(deploy_path)
-    meta: dict[str, str] = {}
-    if deploy_path.name.endswith(".safetensors"):
-        from .checkpoint import read_file
-
-        _, _, meta = read_file(deploy_path)
-    notes = []
-    if meta.get("format") == DEPLOY_FORMAT:
-        deploy_plan, tensors, meta = read_deploy(deploy_path)
-        if meta.get("source_sha256") and meta["source_sha256"] != ckpt.sha256():
-            notes.append(f"{deploy_path.name} was converted from another file ({meta.get('source', '?')})")
-    else:  # a deploy state_dict from another tool: rebuild the deploy model our fuser would write
-        tensors = load_checkpoint(deploy_path, trust=trust).state_dict
-        deploy_plan = plan.with_config(fuser.fuse(plan, ckpt.state_dict, train).config)
-    check_finite(tensors, deploy_path)
-    deploy_fuser = get_fuser(deploy_plan.arch)
-    deploy = build_deploy_model(deploy_fuser, deploy_plan, tensors, str(deploy_path))
+    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust)
+    ckpt, plan, train, deploy, deploy_plan = m.ckpt, m.plan, m.train, m.deploy, m.deploy_plan
 
     labels = None
     if inputs is not None:
@@ -364,7 +431,7 @@ def verify_files(
         "variant": plan.variant,
         "layout": plan.layout,
         "key": ckpt.key,
-        "notes": notes + list(plan.notes),
+        "notes": m.notes,
         "verify": result_verify.to_dict(),
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -155,3 +155,15 @@ def inspect_report(r: dict[str, Any]) -> Group:
                           f" {wf.get('unfused', 0)} BN left unfused"))
     parts += [Text(f"warning: {w}", style="yellow") for w in r.get("warnings") or []]
     return Group(*parts)
+
+
+def bench_table(r: dict[str, Any]) -> Table:
+    t = Table(title=f"{r['variant']} ({r['arch']}) on {r['device']}, {r['threads']} threads, "
+              f"{r['resolution']}x{r['resolution']}, median of {r['repeats']} after {r['warmup']} warm-up",
+              title_justify="left")
+    for col in ("batch", "mode", "train ms", "deploy ms", "speedup"):
+        t.add_column(col, justify="right")
+    for row in r["rows"]:
+        t.add_row(str(row["batch"]), row["mode"], f"{row['train_ms']:.3f}", f"{row['deploy_ms']:.3f}",
+                  f"{row['speedup']:.2f}x")
+    return t

@@ -1,0 +1,90 @@
+"""Deploy speed: latency of the training model (eval) against the deploy model on this machine.
+
+Method: for each batch size, both models get the same input; each is warmed up, then run
+``repeats`` times; the median wall time is reported (CUDA: measured with CUDA events after
+synchronizing). Models alternate per batch size so that drift in machine load hits both.
+TF32 is off on CUDA, so both models do the same float32 arithmetic; cudnn.benchmark is on.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LatencyRow:
+    batch: int
+    mode: str  # "eager" or "compiled"
+    train_ms: float
+    deploy_ms: float
+    speedup: float  # train_ms / deploy_ms
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _time_once(model: nn.Module, x: torch.Tensor, device: str) -> float:
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model(x)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    model(x)
+    return (time.perf_counter() - t0) * 1000.0
+
+
+def median_latency(model: nn.Module, x: torch.Tensor, device: str, warmup: int, repeats: int) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return statistics.median(_time_once(model, x, device) for _ in range(repeats))
+
+
+def bench_models(
+    train: nn.Module,
+    deploy: nn.Module,
+    input_size: tuple[int, int, int],
+    *,
+    batches: tuple[int, ...] = (1,),
+    device: str = "cpu",
+    compile: bool = False,
+    warmup: int = 3,
+    repeats: int = 10,
+    seed: int = 0,
+) -> list[LatencyRow]:
+    """Latency rows (eager, then compiled if asked) for each batch size.
+
+    The models are moved to ``device`` in float32 (a copy is not made: pass models you own).
+    """
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            from .errors import BadInput
+
+            raise BadInput("--device cuda: no CUDA device is available here")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    train = train.to(device=device, dtype=torch.float32).eval()
+    deploy = deploy.to(device=device, dtype=torch.float32).eval()
+    variants = [("eager", train, deploy)]
+    if compile:
+        variants.append(("compiled", torch.compile(train), torch.compile(deploy)))
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for mode, t, d in variants:
+        for b in batches:
+            x = torch.randn(b, *input_size, generator=g).to(device)
+            t_ms = median_latency(t, x, device, warmup, repeats)
+            d_ms = median_latency(d, x, device, warmup, repeats)
+            rows.append(LatencyRow(b, mode, round(t_ms, 4), round(d_ms, 4), round(t_ms / d_ms, 3)))
+    return rows
