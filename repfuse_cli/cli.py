@@ -75,12 +75,24 @@ def _errors(json_out: bool) -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _progress(enabled: bool):
-    """A status line on stderr naming the pipeline step; returns (context, on_step)."""
+def _progress(enabled: bool, steps: int = 7):
+    """A progress bar on stderr over the pipeline's steps; returns (context, on_step)."""
     if not enabled:
         return contextlib.nullcontext(), lambda _step: None
-    status = err_console.status("starting")
-    return status, lambda step: status.update(f"repfuse: {step}")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("repfuse: {task.description:<8}"), BarColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=True)
+    task = progress.add_task("start", total=steps)
+    seen: list[str] = []
+
+    def on_step(step: str) -> None:
+        if seen:
+            progress.advance(task)
+        seen.append(step)
+        progress.update(task, description=step)
+
+    return progress, on_step
 
 
 @app.command()
@@ -154,8 +166,9 @@ def verify(
         from .pipeline import verify_files
         from .report import verify_report
 
-        ctx, _ = _progress(not (quiet or json_out))
+        ctx, on_step = _progress(not (quiet or json_out), steps=1)
         with ctx:
+            on_step("verify")
             result = verify_files(
                 checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint, inputs=inputs, batch=batch,
                 options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
@@ -214,8 +227,9 @@ def bench(
         from .pipeline import bench_file
         from .report import bench_table
 
-        ctx, _ = _progress(not (quiet or json_out))
+        ctx, on_step = _progress(not (quiet or json_out), steps=1)
         with ctx:
+            on_step("bench")
             result = bench_file(
                 checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint,
                 options=Options(model=model, assume_annealed=assume_annealed), batches=tuple(batch or [1]),

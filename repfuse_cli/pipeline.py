@@ -81,30 +81,14 @@ class Conversion:
     result: dict[str, Any]
 
 
-def convert(
-    path: str | Path,
-    output: str | Path | None = None,
-    *,
-    arch: str = "auto",
-    key: str | None = None,
-    options: Options | None = None,
-    force: bool = False,
-    trust: bool = False,
-    verify: bool = True,
-    resolution: int | None = None,
-    batch: int = 1,
-    seed: int = 0,
-    atol: float | None = None,
-    rtol: float | None = None,
-    write: bool = True,
-    on_step: Step = _noop,
-    quiet: bool = True,  # accepted for API symmetry with the CLI; the library never prints
-) -> dict[str, Any]:
+def convert(path: str | Path, output: str | Path | None = None, **options: Any) -> dict[str, Any]:
     """Convert a training checkpoint into a verified deploy-mode safetensors file.
 
-    Returns the result as a JSON-ready dict (the same object ``repfuse convert --json``
-    prints). Raises RepfuseError (exit code 2) for bad input and VerifyFailed (exit 1) when
-    the deploy model's outputs differ; in both cases nothing is written.
+    ``options`` are :func:`run_conversion`'s keywords (``arch``, ``key``, ``options``, ``force``,
+    ``trust``, ``verify``, ``resolution``, ``batch``, ``seed``, ``atol``, ``rtol``, ``write``).
+    Returns the result as a JSON-ready dict (the object ``repfuse convert --json`` prints).
+    Raises RepfuseError (exit code 2) for bad input and VerifyFailed (exit 1) when the deploy
+    model's outputs differ; in both cases nothing is written.
 
     Example::
 
@@ -112,10 +96,8 @@ def convert(
         res = convert("checkpoint-299.pth", arch="vanillanet")
         model = load_deploy(res["output"])
     """
-    return run_conversion(
-        path, output, arch=arch, key=key, options=options, force=force, trust=trust, verify=verify,
-        resolution=resolution, batch=batch, seed=seed, atol=atol, rtol=rtol, write=write, on_step=on_step,
-    ).result
+    options.pop("quiet", None)  # the library never prints; accepted for symmetry with the CLI
+    return run_conversion(path, output, **options).result
 
 
 def run_conversion(
@@ -136,7 +118,14 @@ def run_conversion(
     write: bool = True,
     on_step: Step = _noop,
 ) -> Conversion:
-    """:func:`convert`, returning the models and intermediate results as well."""
+    """:func:`convert`, returning the models and intermediate results as well.
+
+    ``arch``: "auto", a fuser name or "timm:NAME"; ``key``: the checkpoint entry holding the
+    weights; ``options``: variant/model/assume_annealed; ``force``: overwrite ``output``;
+    ``trust``: unpickle arbitrary code (dangerous); ``verify``: compare the two models on
+    ``batch`` seeded inputs at ``resolution`` within ``atol``/``rtol``; ``write``: save the file;
+    ``on_step``: called with each pipeline step's name (for progress display).
+    """
     t0 = time.perf_counter()
     src = Path(path)
     out = Path(output) if output is not None else default_output(src)

@@ -160,3 +160,20 @@ def test_convert_report_and_json_hold_the_same_facts(tmp_path):
     for text in ("Parameters", "FLOPs (2 x MACs)", "BatchNorm layers", "Norm ops / forward", "-100.00%",
                  "Weight bytes", "input 16x16", "1 BN folds", "verification: PASSED", "wrote"):
         assert text in r.stdout, text
+
+
+def test_bench_reports_latency_per_batch(tmp_path):
+    path = tmp_path / "toy.pth"
+    torch.save({"model": randomize_bn(ReversedOrder()).state_dict()}, path)
+    r = cli("bench", path, *TOY, "--batch", 1, "--batch", 4, "--warmup", 1, "--repeats", 3, "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [row["batch"] for row in res["rows"]] == [1, 4] and res["deploy"] == "(fused in memory)"
+    for row in res["rows"]:
+        assert row["train_ms"] > 0 and row["deploy_ms"] > 0 and row["mode"] == "eager"
+        assert row["speedup"] == pytest.approx(row["train_ms"] / row["deploy_ms"], rel=1e-2)
+    text = cli("bench", path, *TOY, "--repeats", 2).stdout
+    assert "speedup" in text and "median of 2" in text
+    r = cli("bench", path, *TOY, "--device", "cuda")
+    if not torch.cuda.is_available():
+        assert r.exit_code == 2 and "no CUDA device" in r.stderr
