@@ -177,3 +177,25 @@ def test_bench_reports_latency_per_batch(tmp_path):
     r = cli("bench", path, *TOY, "--device", "cuda")
     if not torch.cuda.is_available():
         assert r.exit_code == 2 and "no CUDA device" in r.stderr
+
+
+@pytest.mark.parametrize("family, variant, train_m, deploy_m, deploy_gmacs", [
+    ("vanillanet", "vanillanet_5", 22.33, 15.52, 5.16),
+    ("vanillanet", "vanillanet_13", 107.70, 58.59, 11.94),
+    ("repvgg", "RepVGG-A0", 9.11, 8.31, 1.36),
+    ("repvgg", "RepVGG-D2se", 133.33, 120.39, None),
+])
+def test_report_figures_match_the_reference_tables(family, variant, train_m, deploy_m, deploy_gmacs):
+    """Params (REFERENCE §1-2 tables) and the paper's deploy GMACs at 224, counted on meta tensors."""
+    from repfuse_cli.fusers.repvgg import build_repvgg
+    from repfuse_cli.fusers.vanillanet import build_vanillanet
+
+    build = build_vanillanet if family == "vanillanet" else build_repvgg
+    with torch.device("meta"):
+        train, deploy = build(variant, deploy=False), build(variant, deploy=True)
+    before, after = model_stats(train, (1, 3, 224, 224)), model_stats(deploy, (1, 3, 224, 224))
+    assert round(before.params / 1e6, 2) == pytest.approx(train_m, abs=0.011)
+    assert round(after.params / 1e6, 2) == pytest.approx(deploy_m, abs=0.011)
+    if deploy_gmacs is not None:
+        assert after.flops / 2 / 1e9 == pytest.approx(deploy_gmacs, abs=0.01)
+    assert after.bn_layers == 0 and after.norm_ops == 0 and before.norm_ops == before.bn_layers
