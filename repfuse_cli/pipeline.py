@@ -25,7 +25,7 @@ from .fuser import Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
 from .save import check_output, default_output, write_safetensors
 from .stats import model_stats
-from .verify import VerifyResult, seeded_inputs, verify_models
+from .verification import VerifyResult, seeded_inputs, verify_models
 
 DEPLOY_FORMAT = "repfuse-deploy"
 Step = Callable[[str], None]

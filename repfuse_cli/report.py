@@ -84,6 +84,8 @@ def verify_lines(v: dict[str, Any] | None) -> list[Text]:
 def conversion_report(r: dict[str, Any]) -> Group:
     parts: list[Any] = [stats_table(r["before"], r["after"], r["resolution"])]
     key = r["key"] or "(bare state_dict)"
+    if r.get("stripped_prefixes"):
+        key += f" (key prefixes {', '.join(f'`{p}`' for p in r['stripped_prefixes'])} stripped)"
     ema = r.get("ema_available") or []
     if ema and r["key"] not in ema:
         key += f"  [yellow](EMA weights also present: {', '.join(ema)}; use --key to choose them)[/]"

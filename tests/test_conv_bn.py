@@ -19,7 +19,7 @@ from repfuse_cli import load_deploy
 from repfuse_cli.cli import app
 from repfuse_cli.fusers.conv_bn import apply_folds, find_pairs
 from repfuse_cli.pipeline import run_conversion
-from repfuse_cli.verify import run
+from repfuse_cli.verification import run
 
 runner = CliRunner()
 
