@@ -43,7 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check repfuse_cli tests bench
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
