@@ -199,3 +199,19 @@ def test_report_figures_match_the_reference_tables(family, variant, train_m, dep
     if deploy_gmacs is not None:
         assert after.flops / 2 / 1e9 == pytest.approx(deploy_gmacs, abs=0.01)
     assert after.bn_layers == 0 and after.norm_ops == 0 and before.norm_ops == before.bn_layers
+
+
+def test_inspect_warns_about_unfinished_vanillanet_annealing(tmp_path):
+    from repfuse_cli.fusers.vanillanet import VARIANTS, build_vanillanet
+
+    model = randomize_bn(build_vanillanet(VARIANTS["vanillanet_5"].shrink(8), deploy=False, num_classes=5))
+    path = tmp_path / "checkpoint-40.pth"
+    torch.save({"model": model.state_dict(), "epoch": 40,
+                "args": argparse.Namespace(model="vanillanet_5", decay_epochs=100)}, path)
+    r = cli("inspect", path, "--json")
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["arch"] == "vanillanet" and res["would_fuse"]["chain_merges"] == 5
+    assert any("40" in w and "100" in w for w in res["warnings"])
+    r = cli("convert", path)
+    assert r.exit_code == 2 and "--assume-annealed" in r.stderr
