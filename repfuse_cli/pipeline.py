@@ -324,6 +324,9 @@ def load_pair(
             deploy_plan, tensors, meta = read_deploy(deploy_path)
             if meta.get("source_sha256") and meta["source_sha256"] != ckpt.sha256():
                 notes.insert(0, f"{deploy_path.name} was converted from another file ({meta.get('source', '?')})")
+            if (deploy_plan.arch, deploy_plan.variant) != (plan.arch, plan.variant):
+                notes.insert(0, f"{deploy_path.name} holds a {deploy_plan.arch} {deploy_plan.variant} model, "
+                                f"the checkpoint a {plan.arch} {plan.variant}")
         else:  # a deploy state_dict from another tool: rebuild the deploy model our fuser would write
             tensors = load_checkpoint(deploy_path, trust=trust).state_dict
             deploy_plan = plan.with_config(fuser.fuse(plan, ckpt.state_dict, train).config)

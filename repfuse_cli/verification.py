@@ -161,6 +161,11 @@ def verify_models(
     with _no_tf32():
         a = run(train, x, cdt, device)
         b = run(deploy, x, cdt, device)
+        if a.shape != b.shape:
+            from .errors import BadInput
+
+            raise BadInput(f"the deploy model's output has shape {tuple(b.shape)}, the training model's "
+                           f"{tuple(a.shape)}: not a deploy model of this checkpoint")
         diff, rel, cos, top1 = compare_outputs(a, b)
         scale = a.detach().abs().max().item()
         passed = bool(diff <= atol + rtol * scale) and bool(torch.isfinite(b).all())

@@ -215,3 +215,13 @@ def test_inspect_warns_about_unfinished_vanillanet_annealing(tmp_path):
     assert any("40" in w and "100" in w for w in res["warnings"])
     r = cli("convert", path)
     assert r.exit_code == 2 and "--assume-annealed" in r.stderr
+
+
+def test_verify_against_another_models_deploy_file(resnet, tmp_path):
+    _, ckpt, _ = resnet
+    toy = tmp_path / "toy.pth"
+    torch.save({"model": randomize_bn(ReversedOrder()).state_dict()}, toy)
+    assert cli("convert", toy, *TOY, "-q").exit_code == 0
+    r = cli("verify", ckpt, tmp_path / "toy.deploy.safetensors", "--json")
+    assert r.exit_code == 2 and "not a deploy model of this checkpoint" in r.stderr
+    assert json.loads(r.stdout)["exit_code"] == 2
