@@ -15,6 +15,17 @@ from .errors import BadInput
 F64 = torch.float64
 
 
+def standard_layout(t: Tensor) -> Tensor:
+    """``t`` with the strides ``torch.empty(t.shape)`` has (a copy only when they differ).
+
+    ``is_contiguous()`` ignores the strides of size-1 dims, so a (O, I, 1, 1) kernel can be
+    "contiguous" and channels_last at once; deploy tensors get one unambiguous layout.
+    """
+    if t.stride() == torch.empty(t.shape, device="meta").stride():
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _f64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(F64)
 
@@ -85,7 +96,10 @@ def merge_1x1(
     """
     wo = _f64(outer_w).reshape(outer_w.shape[0], outer_w.shape[1])
     wi = _f64(inner_w)
-    w = torch.einsum("oi,i...->o...", wo, wi)
+    # A plain matmul, then a view: the result has standard strides. (An einsum leaves a merged
+    # 1x1 kernel with strides that also read as channels_last, which changes which conv kernel
+    # runs: weight layout matters to speed, REFERENCE §1.)
+    w = (wo @ wi.reshape(wi.shape[0], -1)).reshape(wo.shape[0], *wi.shape[1:])
     b = torch.zeros(wo.shape[0], dtype=F64) if outer_b is None else _f64(outer_b)
     if inner_b is not None:
         b = b + wo @ _f64(inner_b)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import __version__
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, load_strict
 from .errors import BadInput, UnknownArch, VerifyFailed
+from .fold import standard_layout
 from .fuser import Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
 from .save import check_output, default_output, write_safetensors
@@ -61,6 +62,14 @@ def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None)
         f"{ckpt.path}: architecture not recognized; name it with --arch "
         f"(vanillanet, repvgg, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
     )
+
+
+def fuse(fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
+    """Run the fuser; give every deploy tensor the standard layout the file will hold, so the
+    deploy model that is verified and timed is the one users load."""
+    fused = fuser.fuse(plan, state_dict, train)
+    fused.tensors = {k: standard_layout(v) for k, v in fused.tensors.items()}
+    return fused
 
 
 def build_deploy_model(fuser: Fuser, plan: Plan, tensors: dict[str, Tensor], where: str) -> nn.Module:
@@ -143,7 +152,7 @@ def run_conversion(
     train = fuser.build_train(plan, ckpt.state_dict)
 
     on_step("fuse")
-    fused = fuser.fuse(plan, ckpt.state_dict, train)
+    fused = fuse(fuser, plan, ckpt.state_dict, train)
     deploy_plan = plan.with_config(fused.config)
     deploy = build_deploy_model(fuser, deploy_plan, fused.tensors, f"{fuser.name} deploy model")
 
@@ -311,7 +320,7 @@ def load_pair(
     train = fuser.build_train(plan, ckpt.state_dict)
     notes = list(plan.notes)
     if deploy_path is None:
-        fused = fuser.fuse(plan, ckpt.state_dict, train)
+        fused = fuse(fuser, plan, ckpt.state_dict, train)
         deploy_plan, tensors, where = plan.with_config(fused.config), fused.tensors, f"{fuser.name} deploy model"
     else:
         deploy_path = where = Path(deploy_path)
@@ -482,7 +491,7 @@ def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto"
         return result
     check_finite(ckpt.state_dict, path)
     train = fuser.build_train(plan, ckpt.state_dict)
-    fused = fuser.fuse(plan, ckpt.state_dict, train)
+    fused = fuse(fuser, plan, ckpt.state_dict, train)
     warnings.extend(plan.notes)
     result.update(
         mode="train", arch=plan.arch, variant=plan.variant, layout=plan.layout,

@@ -284,3 +284,20 @@ def test_plugin_fuser_via_entry_point(tmp_path):
 def test_version():
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.stdout.startswith("repfuse ")
+
+
+def test_deploy_tensors_have_standard_strides(tmp_path):
+    """A merged 1x1 kernel whose strides also read as channels_last runs other conv kernels:
+    the deploy tensors (in memory and in the file) must have plain row-major strides."""
+    from repfuse_cli.fold import merge_1x1
+    from repfuse_cli.fusers.vanillanet import VARIANTS, build_vanillanet
+    from repfuse_cli.pipeline import run_conversion
+
+    w, _ = merge_1x1(torch.randn(8, 4, 1, 1), None, torch.randn(4, 4, 1, 1), None)
+    assert w.stride() == (4, 1, 1, 1)
+    model = randomize_bn(build_vanillanet(VARIANTS["vanillanet_5"].shrink(8), deploy=False, num_classes=5))
+    torch.save({"model": model.state_dict()}, tmp_path / "v.pth")
+    conv = run_conversion(tmp_path / "v.pth", tmp_path / "v.safetensors")
+    for tensors in (conv.fused.tensors, dict(load_deploy(tmp_path / "v.safetensors").state_dict())):
+        for k, t in tensors.items():
+            assert t.stride() == torch.empty(t.shape).stride(), k
