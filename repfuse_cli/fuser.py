@@ -112,3 +112,12 @@ class Fuser(ABC):
     @abstractmethod
     def build_deploy(self, plan: Plan) -> nn.Module:
         """An empty deploy-mode model (meta device is fine) for ``plan`` (config from ``fuse``)."""
+
+    def check_config(self, plan: Plan, model: str | None, where: str) -> None:
+        """Vet a plan read from a file's metadata before anything is built from it.
+
+        Raise BadInput for a config this fuser never writes, and UnsafeCheckpoint where
+        building it would import code the user did not name (``model``: the user's --model).
+        The default accepts it: fusers whose config is plain data validate it while building.
+        """
+        return None

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, load_strict
-from .errors import BadInput, UnknownArch, VerifyFailed
+from .errors import BadInput, RepfuseError, UnknownArch, VerifyFailed
 from .fold import standard_layout
 from .fuser import Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
@@ -73,7 +73,13 @@ def fuse(fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Modu
 
 
 def build_deploy_model(fuser: Fuser, plan: Plan, tensors: dict[str, Tensor], where: str) -> nn.Module:
-    return load_strict(fuser.build_deploy(plan), tensors, where)
+    try:
+        model = fuser.build_deploy(plan)
+    except RepfuseError:
+        raise
+    except Exception as e:  # a config that parses but describes no buildable model
+        raise BadInput(f"{where}: cannot build the {plan.arch} deploy model from its config ({e})") from None
+    return load_strict(model, tensors, where)
 
 
 @dataclass
@@ -224,8 +230,12 @@ def run_conversion(
     return conv
 
 
-def read_deploy(path: str | Path) -> tuple[Plan, dict[str, Tensor], dict[str, str]]:
-    """Read a repfuse deploy file: its plan, tensors and metadata (BadInput if not one)."""
+def read_deploy(path: str | Path, model: str | None = None) -> tuple[Plan, dict[str, Tensor], dict[str, str]]:
+    """Read a repfuse deploy file: its plan, tensors and metadata (BadInput if not one).
+
+    The metadata is data from a file: its fuser checks it before anything is built from it
+    (conv-bn imports a `pkg.module:callable` it names only when ``model`` names the same one).
+    """
     from .checkpoint import read_file
 
     path = Path(path)
@@ -238,20 +248,23 @@ def read_deploy(path: str | Path) -> tuple[Plan, dict[str, Tensor], dict[str, st
         plan = Plan.from_metadata(meta)
     except (ValueError, KeyError, TypeError) as e:
         raise BadInput(f"{path}: damaged repfuse metadata ({e})") from None
+    get_fuser(plan.arch).check_config(plan, model, str(path))
     return plan, tensors, meta
 
 
-def load_deploy(path: str | Path) -> nn.Module:
+def load_deploy(path: str | Path, model: str | None = None) -> nn.Module:
     """Rebuild the deploy model (eval mode) from any deploy file repfuse wrote.
+
+    ``model``: for conv-bn files of a ``pkg.module:callable`` network, that spec, to allow
+    importing it (a file's metadata alone never makes repfuse import code).
 
     Example::
 
         model = repfuse_cli.load_deploy("resnet18.deploy.safetensors")
         logits = model(images)
     """
-    plan, tensors, _ = read_deploy(path)
-    fuser = get_fuser(plan.arch)
-    return build_deploy_model(fuser, plan, tensors, str(path))
+    plan, tensors, _ = read_deploy(path, model)
+    return build_deploy_model(get_fuser(plan.arch), plan, tensors, str(path))
 
 
 def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
@@ -330,12 +343,12 @@ def load_pair(
 
             _, _, meta = read_file(deploy_path)
         if meta.get("format") == DEPLOY_FORMAT:
-            deploy_plan, tensors, meta = read_deploy(deploy_path)
+            deploy_plan, tensors, meta = read_deploy(deploy_path, (options or Options()).model)
             if meta.get("source_sha256") and meta["source_sha256"] != ckpt.sha256():
                 notes.insert(0, f"{deploy_path.name} was converted from another file ({meta.get('source', '?')})")
             if (deploy_plan.arch, deploy_plan.variant) != (plan.arch, plan.variant):
-                notes.insert(0, f"{deploy_path.name} holds a {deploy_plan.arch} {deploy_plan.variant} model, "
-                                f"the checkpoint a {plan.arch} {plan.variant}")
+                raise BadInput(f"{deploy_path}: holds a {deploy_plan.arch} {deploy_plan.variant} model, "
+                               f"{ckpt.path.name} a {plan.arch} {plan.variant}: not its deploy file")
         else:  # a deploy state_dict from another tool: rebuild the deploy model our fuser would write
             tensors = load_checkpoint(deploy_path, trust=trust).state_dict
             deploy_plan = plan.with_config(fuser.fuse(plan, ckpt.state_dict, train).config)
@@ -473,8 +486,8 @@ def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto"
     if ema and ckpt.key not in ema:
         warnings.append(f"EMA weights present ({', '.join(ema)}) but not the default; convert with --key to use them")
     if ckpt.metadata.get("format") == DEPLOY_FORMAT:
-        plan = Plan.from_metadata(ckpt.metadata)
-        deploy = load_deploy(path)
+        plan, tensors, _ = read_deploy(path, options.model)
+        deploy = build_deploy_model(get_fuser(plan.arch), plan, tensors, str(path))
         result.update(mode="deploy (written by repfuse)", arch=plan.arch, variant=plan.variant, layout=plan.layout,
                       params=sum(p.numel() for p in deploy.parameters()), would_fuse=None,
                       source=ckpt.metadata.get("source"), repfuse_version=ckpt.metadata.get("repfuse_version"))

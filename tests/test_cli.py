@@ -184,7 +184,8 @@ def test_key_choice(tmp_path):
     ema_model.load_state_dict(b)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.allclose(load_deploy(res["output"])(x), ema_model(x), rtol=1e-5, atol=1e-6)
+        deployed = load_deploy(res["output"], model="toy_models:reversed_order")
+        assert torch.allclose(deployed(x), ema_model(x), rtol=1e-5, atol=1e-6)
     assert_one_line_error(convert(path, *TOY, "--key", "nope", "--force"), 2, "--key nope", "model, model_ema")
     torch.save(a, tmp_path / "bare.pth")
     assert_one_line_error(convert(tmp_path / "bare.pth", *TOY, "--key", "model"), 2, "bare state_dict")
@@ -276,7 +277,8 @@ def test_plugin_fuser_via_entry_point(tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["arch"] == "toynet" and res["verify"]["passed"]
-    code = f"import repfuse_cli; print(type(repfuse_cli.load_deploy({res['output']!r})).__name__)"
+    code = (f"import repfuse_cli; print(type(repfuse_cli.load_deploy({res['output']!r}, "
+            "model='toy_models:reversed_order')).__name__)")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.stdout.strip() == "ReversedOrder", p.stderr
 
@@ -301,3 +303,29 @@ def test_deploy_tensors_have_standard_strides(tmp_path):
     for tensors in (conv.fused.tensors, dict(load_deploy(tmp_path / "v.safetensors").state_dict())):
         for k, t in tensors.items():
             assert t.stride() == torch.empty(t.shape).stride(), k
+
+
+def test_deploy_metadata_never_makes_repfuse_import_code(tmp_path):
+    """A deploy file's metadata is data: it cannot name code to run (os:system) and names a
+    user's `pkg.module:callable` network only with the user's consent (--model)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "toy.pth"
+    torch.save({"model": randomize_bn(ReversedOrder()).state_dict()}, path)
+    assert convert(path, *TOY, "-q").exit_code == 0
+    deploy = tmp_path / "toy.deploy.safetensors"
+    with safe_open(str(deploy), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    marker = tmp_path / "pwned"
+    evil = dict(meta, config=json.dumps({"model": "os:system", "kwargs": {"command": f"touch {marker}"}}))
+    save_file(tensors, str(tmp_path / "evil.safetensors"), metadata=evil)
+    for args in (["inspect", tmp_path / "evil.safetensors"], ["verify", path, tmp_path / "evil.safetensors", *TOY]):
+        r = runner.invoke(app, list(map(str, args)))
+        assert r.exit_code == 2 and "not one repfuse writes" in r.stderr and not marker.exists()
+
+    r = runner.invoke(app, ["inspect", str(deploy)])  # a user's module: only with --model
+    assert r.exit_code == 2 and "pass --model toy_models:reversed_order" in r.stderr
+    r = runner.invoke(app, ["inspect", str(deploy), "--model", "toy_models:reversed_order"])
+    assert r.exit_code == 0, r.stderr
+    assert runner.invoke(app, ["verify", str(path), str(deploy), *TOY]).exit_code == 0

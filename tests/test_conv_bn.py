@@ -270,7 +270,7 @@ def test_custom_model_via_module_callable(tmp_path):
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["bn_folded"] == 2 and len(res["unfused"]) == 5
-    deploy = load_deploy(res["output"])
+    deploy = load_deploy(res["output"], model="toy_models:tricky")
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         assert rel_diff(model(x), deploy(x)) < 1e-5

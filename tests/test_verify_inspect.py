@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -218,10 +219,15 @@ def test_inspect_warns_about_unfinished_vanillanet_annealing(tmp_path):
 
 
 def test_verify_against_another_models_deploy_file(resnet, tmp_path):
-    _, ckpt, _ = resnet
-    toy = tmp_path / "toy.pth"
-    torch.save({"model": randomize_bn(ReversedOrder()).state_dict()}, toy)
-    assert cli("convert", toy, *TOY, "-q").exit_code == 0
-    r = cli("verify", ckpt, tmp_path / "toy.deploy.safetensors", "--json")
-    assert r.exit_code == 2 and "not a deploy model of this checkpoint" in r.stderr
+    model, ckpt, _ = resnet
+    sample = Path(__file__).resolve().parents[1] / "sample_checkpoints" / "vanillanet_tiny.pth"
+    assert cli("convert", sample, "-o", tmp_path / "v.safetensors", "-q").exit_code == 0
+    r = cli("verify", ckpt, tmp_path / "v.safetensors", "--json")
+    assert r.exit_code == 2 and "holds a vanillanet vanillanet_custom model" in r.stderr
     assert json.loads(r.stdout)["exit_code"] == 2
+    # a plain deploy state_dict (no metadata) of another network: caught by its output shape
+    sd = {k: v for k, v in model.state_dict().items()}
+    sd["fc.weight"], sd["fc.bias"] = sd["fc.weight"][:3], sd["fc.bias"][:3]
+    torch.save(sd, tmp_path / "three_classes.pth")
+    r = cli("verify", ckpt, tmp_path / "three_classes.pth")
+    assert r.exit_code == 2 and ("shape" in r.stderr), r.stderr

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,7 +25,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from ..checkpoint import Checkpoint, load_strict
-from ..errors import BadInput
+from ..errors import BadInput, UnsafeCheckpoint
 from ..fold import bn_scale_shift, fold_bn
 from ..fuser import Fused, Fuser, NotThisArch, Options, Plan
 from ..stats import is_bn
@@ -39,6 +41,7 @@ _FOLDABLE_BN_NAMES = {
     "SyncBatchNormAct", "FrozenBatchNorm2d", "FrozenBatchNormAct2d",
 }
 _REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
+_TIMM_KWARGS = ("num_classes", "in_chans")  # the only constructor arguments a deploy file may carry
 _METADATA_ATTRS = {
     "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_meta", "is_sparse",
     "is_quantized", "names", "grad_fn", "grad", "is_leaf", "is_nested",
@@ -81,6 +84,8 @@ def _construct(config: dict[str, Any], device: str | torch.device) -> nn.Module:
             model = timm.create_model(name, pretrained=False, **kwargs)
         else:
             module_name, _, attr = spec.partition(":")
+            if os.getcwd() not in sys.path:  # like `python -m`, modules in the working directory import
+                sys.path.insert(0, os.getcwd())
             try:
                 factory = getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as e:
@@ -376,6 +381,33 @@ class ConvBnFuser(Fuser):
         config["fused_modules"] = [p for p, _ in pairs]
         tensors = {k: v.detach().contiguous() for k, v in work.state_dict().items()}
         return Fused(tensors, config, counts, unfused)
+
+    def check_config(self, plan: Plan, model: str | None, where: str) -> None:
+        cfg = plan.config
+        spec, kwargs = cfg.get("model"), cfg.get("kwargs", {})
+        folds = cfg.get("folds", [])
+        ok = (
+            isinstance(spec, str)
+            and isinstance(kwargs, dict)
+            and set(kwargs) <= set(_TIMM_KWARGS)
+            and all(type(v) is int for v in kwargs.values())
+            and isinstance(folds, list)
+            and all(isinstance(f, list) and len(f) == 2 and all(isinstance(n, str) for n in f) for f in folds)
+            and isinstance(cfg.get("timm_reparam", False), bool)
+        )
+        if not ok:
+            raise BadInput(f"{where}: conv-bn metadata is not one repfuse writes (model {spec!r}, kwargs {kwargs!r})")
+        name = _timm_name(spec)
+        if name is None and spec != model:
+            raise UnsafeCheckpoint(
+                f"{where}: building this model imports and calls `{spec}`; pass --model {spec} "
+                "(load_deploy(path, model=...)) if you trust that code"
+            )
+        if name is not None:
+            import timm
+
+            if not timm.is_model(name):
+                raise BadInput(f"{where}: timm {timm.__version__} has no model named `{name}`")
 
     def build_deploy(self, plan: Plan) -> nn.Module:
         model = _build(plan.config, None, plan.config["model"])
