@@ -24,7 +24,6 @@ from torch import Tensor, nn
 
 from .errors import BadInput, KeyMismatch, UnsafeCheckpoint
 
-TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".bin", ".tar", ".ckpt")
 PREFIXES = ("module.", "_orig_mod.")
 # Keys that hold non-EMA weights in the wild, in order of preference.
 PREFERRED_KEYS = ("state_dict", "model", "module", "net", "network", "weights", "params")
@@ -50,12 +49,19 @@ class Checkpoint:
 
     @property
     def args(self) -> dict[str, Any]:
-        return self.extras.get("args") or {}
+        """The training arguments (argparse.Namespace or dict) as a dict; {} if none or another type."""
+        a = self.extras.get("args")
+        return a if isinstance(a, dict) else {}
 
     @property
     def epoch(self) -> int | None:
+        """The recorded epoch: an int, an integral float, a 0-d tensor or a numeric string."""
         e = self.extras.get("epoch")
-        return int(e) if isinstance(e, (int, float)) and not isinstance(e, bool) else None
+        if isinstance(e, str) and e.strip().lstrip("-").isdigit():
+            return int(e)
+        if isinstance(e, (int, float)) and not isinstance(e, bool) and float(e).is_integer():
+            return int(e)
+        return None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -149,9 +155,11 @@ def read_file(path: str | os.PathLike, trust: bool = False) -> tuple[Any, str, d
             raise BadInput(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     try:
         return _torch_load(path, trust), "torch", {}
-    except UnsafeCheckpoint:
+    except (UnsafeCheckpoint, BadInput):
         raise
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, KeyError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # any malformed content: zip, pickle stream, storages (struct.error, ...)
         raise BadInput(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
 
 
@@ -196,7 +204,7 @@ def _plain(obj: Any) -> Any:
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, Tensor) and getattr(obj, "shape", None) == ():
+    if hasattr(obj, "item") and getattr(obj, "shape", None) in ((), torch.Size([])):  # numpy/0-d tensors
         return obj.item()
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
@@ -302,6 +310,11 @@ def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Mo
         for k, v in expected.items()
         if k in sd and tuple(sd[k].shape) != tuple(v.shape)
     ]
+    shapes += [
+        f"{k} is {sd[k].dtype}, expected {'floating point' if v.is_floating_point() else v.dtype}"
+        for k, v in expected.items()
+        if k in sd and sd[k].is_floating_point() != v.is_floating_point()
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:
@@ -309,7 +322,7 @@ def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Mo
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:3])})")
         if shapes:
-            parts.append(f"{len(shapes)} shape mismatches ({'; '.join(shapes[:2])})")
+            parts.append(f"{len(shapes)} shape/dtype mismatches ({'; '.join(shapes[:2])})")
         raise KeyMismatch(f"{where}: weights do not match the architecture: {'; '.join(parts)}")
     model.load_state_dict(dict(sd), strict=True, assign=True)
     leftover = [n for n, t in _tensors(model) if t.is_meta]

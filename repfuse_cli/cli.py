@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,31 +56,54 @@ out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+INTERNAL_ERROR = 3  # any exit code other than 0, 1, 2 means a bug in repfuse
+
+
+def _sanitize(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON parsers (jq) reject them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _sanitize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sanitize(v) for v in obj]
+    return obj
+
+
 def _emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_sanitize(obj), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _fail(msg: str, code: int, json_out: bool, result: dict | None = None) -> typer.Exit:
+    print(f"repfuse: error: {msg}", file=sys.stderr)
+    if json_out:
+        _emit_json({**(result or {}), "error": msg, "exit_code": code})
+    return typer.Exit(code)
 
 
 @contextlib.contextmanager
 def _errors(json_out: bool) -> Iterator[None]:
-    """The one place where library errors become a stderr line and an exit code."""
+    """The one place where errors become a stderr line and an exit code."""
     try:
         yield
     except RepfuseError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"repfuse: error: {msg}", file=sys.stderr)
-        if json_out:
-            result = getattr(e, "result", None)
-            _emit_json({**(result or {}), "error": msg, "exit_code": e.exit_code})
-        raise typer.Exit(e.exit_code) from None
+        raise _fail(msg, e.exit_code, json_out, getattr(e, "result", None)) from None
     except KeyboardInterrupt:
-        print("repfuse: interrupted; nothing written", file=sys.stderr)
-        raise typer.Exit(130) from None
+        raise _fail("interrupted; nothing written", 130, json_out) from None
+    except Exception as e:  # a bug: still one line (and JSON) for pipelines, the traceback on request
+        if os.environ.get("REPFUSE_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        msg = (f"internal error: {type(e).__name__}: {first} (a bug in repfuse; "
+               "rerun with REPFUSE_DEBUG=1 for the traceback)")
+        raise _fail(msg, INTERNAL_ERROR, json_out) from None
 
 
 def _progress(enabled: bool, steps: int = 7):
     """A progress bar on stderr over the pipeline's steps; returns (context, on_step)."""
-    if not enabled:
+    if not enabled or not err_console.is_terminal:  # no bar (and no stray newline) in logs and pipes
         return contextlib.nullcontext(), lambda _step: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -265,5 +291,28 @@ def _root(
         raise typer.Exit(0)
 
 
+def _on_sigterm(signum, _frame):
+    raise KeyboardInterrupt  # CI cancellations send SIGTERM: clean up like Ctrl-C, no partial file
+
+
 def main() -> None:
-    app()
+    """Entry point: usage errors, like every other error, become one stderr line (and JSON)."""
+    try:  # typer >= 0.16 vendors click
+        from typer._click import exceptions as cx
+    except ImportError:  # pragma: no cover
+        from click import exceptions as cx
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code = app(standalone_mode=False, prog_name="repfuse")
+    except cx.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except cx.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        exc = _fail(e.format_message().splitlines()[0] + hint, 2, "--json" in sys.argv[1:])
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("repfuse: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -9,6 +9,7 @@ don't match. No output file is written unless verification passed.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from .fuser import Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
 from .save import check_output, default_output, write_safetensors
 from .stats import model_stats
-from .verification import VerifyResult, seeded_inputs, verify_models
+from .verification import VerifyResult, check_device, seeded_inputs, verify_models
 
 DEPLOY_FORMAT = "repfuse-deploy"
 Step = Callable[[str], None]
@@ -62,6 +63,13 @@ def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None)
         f"{ckpt.path}: architecture not recognized; name it with --arch "
         f"(vanillanet, repvgg, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
     )
+
+
+def at_resolution(plan: Plan, resolution: int | None) -> Plan:
+    """The plan with square inputs of ``resolution`` (for verification, FLOPs and conv-bn's trace)."""
+    if not resolution:
+        return plan
+    return dataclasses.replace(plan, input_size=(plan.input_size[0], resolution, resolution))
 
 
 def fuse(fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
@@ -153,6 +161,7 @@ def run_conversion(
 
     on_step("detect")
     fuser, plan = detect(ckpt, arch, options)
+    plan = at_resolution(plan, resolution)
 
     on_step("build")
     train = fuser.build_train(plan, ckpt.state_dict)
@@ -163,8 +172,6 @@ def run_conversion(
     deploy = build_deploy_model(fuser, deploy_plan, fused.tensors, f"{fuser.name} deploy model")
 
     c, h, w = plan.input_size
-    if resolution:
-        h = w = resolution
     result_verify = None
     if verify:
         on_step("verify")
@@ -299,10 +306,15 @@ def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
             raise BadInput(f"{path}: expected one tensor or an `images` entry (found {', '.join(map(str, obj))})")
         labels = obj.get("labels")
         obj = obj["images"] if "images" in obj else next(iter(obj.values()))
-    if not isinstance(obj, Tensor) or obj.dim() != 4 or not obj.is_floating_point():
-        raise BadInput(f"{path}: images must be a float tensor of shape (N, C, H, W)")
-    if labels is not None and (not isinstance(labels, Tensor) or labels.shape != obj.shape[:1]):
-        raise BadInput(f"{path}: labels must be a tensor of shape ({obj.shape[0]},)")
+    if not isinstance(obj, Tensor) or obj.dim() != 4 or not obj.is_floating_point() or obj.shape[0] == 0:
+        raise BadInput(f"{path}: images must be a float tensor of shape (N, C, H, W) with N >= 1")
+    if not torch.isfinite(obj).all():
+        raise BadInput(f"{path}: images hold NaN or inf")
+    if labels is not None and (
+        not isinstance(labels, Tensor) or labels.shape != obj.shape[:1] or labels.is_floating_point()
+        or labels.is_complex() or (labels < 0).any()
+    ):
+        raise BadInput(f"{path}: labels must be non-negative integers of shape ({obj.shape[0]},)")
     return obj.float(), labels
 
 
@@ -324,12 +336,14 @@ def load_pair(
     key: str | None = None,
     options: Options | None = None,
     trust: bool = False,
+    resolution: int | None = None,
 ) -> ModelPair:
     """The training model of CHECKPOINT and a deploy model: read from DEPLOY (a repfuse file, or
     a plain deploy state_dict in the layout the fuser writes), or fused in memory when None."""
     ckpt = load_checkpoint(checkpoint, key=key, trust=trust)
     check_finite(ckpt.state_dict, ckpt.path)
     fuser, plan = detect(ckpt, arch, options)
+    plan = at_resolution(plan, resolution)
     train = fuser.build_train(plan, ckpt.state_dict)
     notes = list(plan.notes)
     if deploy_path is None:
@@ -375,10 +389,9 @@ def bench_file(
     """Latency of the training model (eval) against the deploy model (``repfuse bench``)."""
     from .benchmark import bench_models
 
-    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust)
+    check_device(device)
+    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
     c, h, w = m.plan.input_size
-    if resolution:
-        h = w = resolution
     rows = bench_models(m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile,
                         warmup=warmup, repeats=repeats)
     return {
@@ -419,9 +432,8 @@ def verify_files(
     VerifyFailed (exit 1) when outputs differ beyond tolerance, naming where they diverge.
     """
     t0 = time.perf_counter()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput("--device cuda: no CUDA device is available here")
-    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust)
+    check_device(device)
+    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
     ckpt, plan, train, deploy, deploy_plan = m.ckpt, m.plan, m.train, m.deploy, m.deploy_plan
 
     labels = None
@@ -430,8 +442,6 @@ def verify_files(
         desc = f"{x.shape[0]} images from {Path(inputs).name}" + (" with labels" if labels is not None else "")
     else:
         c, h, w = plan.input_size
-        if resolution:
-            h = w = resolution
         x = seeded_inputs(batch, (c, h, w), seed)
         desc = f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}"
     result_verify = verify_models(

@@ -93,7 +93,8 @@ def conversion_report(r: dict[str, Any]) -> Group:
                                   f"layout: {r['layout']}  dtype: {r['dtype']}"))
     parts.append(Text.from_markup(f"weights: {key}"))
     fused = r.get("fused") or {}
-    desc = {"bn_folded": "BN folds", "branch_merges": "branch merges", "chain_merges": "1x1 chain merges"}
+    desc = {"bn_folded": "BN folds", "branch_merges": "branch merges", "chain_merges": "1x1 chain merges",
+            "timm_reparameterized": "modules re-parameterized by timm"}
     parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in fused.items())))
     unfused = r.get("unfused") or []
     if unfused:

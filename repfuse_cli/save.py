@@ -29,8 +29,12 @@ def check_output(out: Path, src: Path, force: bool) -> None:
     """Fail early, before any work, if ``out`` cannot or must not be written."""
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise OutputError(f"{out}: output would overwrite the input checkpoint; choose another -o")
+    if not out.name.endswith(".safetensors"):
+        raise OutputError(f"{out}: the deploy file's name must end in .safetensors")
     if out.is_dir():
         raise OutputError(f"{out}: output is a directory")
+    if out.exists() and not out.is_file():
+        raise OutputError(f"{out}: output exists and is not a regular file")
     if out.exists() and not force:
         raise OutputError(f"{out}: output exists; pass --force to overwrite it")
     parent = out.parent if str(out.parent) else Path(".")
@@ -41,7 +45,11 @@ def check_output(out: Path, src: Path, force: bool) -> None:
 
 
 def write_safetensors(tensors: Mapping[str, Tensor], out: Path, metadata: dict[str, str], force: bool) -> None:
-    """Write contiguous, unshared tensors to ``out`` via a temp file + rename (no partial file)."""
+    """Write contiguous, unshared tensors to ``out`` via a temp file + rename (no partial file).
+
+    Callers check the output with :func:`check_output` before their work; the rename re-checks
+    only that nothing appeared at ``out`` meanwhile.
+    """
     from safetensors.torch import save_file
 
     seen: set[int] = set()
@@ -54,7 +62,6 @@ def write_safetensors(tensors: Mapping[str, Tensor], out: Path, metadata: dict[s
         elif ptr is not None:
             seen.add(ptr)
         clean[k] = v
-    check_output(out, Path(os.devnull), force)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent if str(out.parent) else ".")
     os.close(fd)
     try:
@@ -62,8 +69,8 @@ def write_safetensors(tensors: Mapping[str, Tensor], out: Path, metadata: dict[s
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        if not force and out.exists():
-            raise OutputError(f"{out}: output appeared while converting; pass --force to overwrite it")
+        if out.exists() and (not force or not out.is_file()):
+            raise OutputError(f"{out}: output appeared while converting; nothing written")
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -3,12 +3,16 @@ when they disagree, the first shared module boundary whose output diverges."""
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from .errors import BadInput
 
 # Default tolerances per checkpoint dtype: (atol, rtol). A result passes when
 # max|train - deploy| <= atol + rtol * max|train| (differences relative to the output's scale).
@@ -140,6 +144,23 @@ def locate_divergence(
     return f"{block} (first at {first})" if block else first
 
 
+def check_device(device: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N`` (with a GPU present); BadInput otherwise."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise BadInput(f"--device {device}: expected cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA device is available here")
+    return device
+
+
+def _forward(model: nn.Module, x: Tensor, dtype: torch.dtype, device: str, which: str) -> Tensor:
+    try:
+        return run(model, x, dtype, device)
+    except (RuntimeError, ValueError, IndexError) as e:  # inputs the network cannot take
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInput(f"the {which} model cannot run on inputs of shape {tuple(x.shape)}: {first}") from None
+
+
 def verify_models(
     train: nn.Module,
     deploy: nn.Module,
@@ -157,13 +178,13 @@ def verify_models(
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
+    if not (math.isfinite(atol) and math.isfinite(rtol) and atol >= 0 and rtol >= 0):
+        raise BadInput(f"tolerances must be finite and >= 0 (atol {atol}, rtol {rtol})")
     cdt = compute_dtype(dtype)
     with _no_tf32():
-        a = run(train, x, cdt, device)
-        b = run(deploy, x, cdt, device)
+        a = _forward(train, x, cdt, device, "training")
+        b = _forward(deploy, x, cdt, device, "deploy")
         if a.shape != b.shape:
-            from .errors import BadInput
-
             raise BadInput(f"the deploy model's output has shape {tuple(b.shape)}, the training model's "
                            f"{tuple(a.shape)}: not a deploy model of this checkpoint")
         diff, rel, cos, top1 = compare_outputs(a, b)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
-from ..checkpoint import Checkpoint, load_strict
+from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, UnsafeCheckpoint
 from ..fold import bn_scale_shift, fold_bn
 from ..fuser import Fused, Fuser, NotThisArch, Options, Plan
@@ -364,22 +364,28 @@ class ConvBnFuser(Fuser):
         return _build(plan.config, state_dict, f"{plan.config['model']}")
 
     def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
-        work = copy.deepcopy(train)
+        # All arithmetic (timm's re-parameterization included) on a float64 copy; cast once at the end.
+        work = copy.deepcopy(train).to(torch.float64)
         config = dict(plan.config)
         counts = {"bn_folded": 0, "branch_merges": 0, "chain_merges": 0}
         if _timm_name(config["model"]) is not None and _reparam_candidates(work):
             before = set(work.state_dict())
-            n_blocks = len(_reparam_candidates(work))
+            n_modules = len(_reparam_candidates(work))
             work = _timm_reparameterize(work)
             if set(work.state_dict()) != before:
                 config["timm_reparam"] = True
-                counts["branch_merges"] = n_blocks
+                counts["timm_reparameterized"] = n_modules  # modules with fuse()/reparameterize()
         pairs, unfused = find_pairs(work, (1, *plan.input_size))
         apply_folds(work, [list(p) for p in pairs], compute=True)
         counts["bn_folded"] = len(pairs)
         config["folds"] = [list(p) for p in pairs]
         config["fused_modules"] = [p for p, _ in pairs]
-        tensors = {k: v.detach().contiguous() for k, v in work.state_dict().items()}
+        dtype = float_dtype(state_dict)
+        tensors = {
+            k: (v.to(state_dict[k].dtype if k in state_dict else dtype) if v.is_floating_point() else v)
+            .detach().contiguous()
+            for k, v in work.state_dict().items()
+        }
         return Fused(tensors, config, counts, unfused)
 
     def check_config(self, plan: Plan, model: str | None, where: str) -> None:
