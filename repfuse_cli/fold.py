@@ -133,3 +133,32 @@ def identity_kernel(channels: int, groups: int = 1, size: int = 3, dims: int = 2
     idx = torch.arange(channels)
     k[(idx, idx % per_group) + (c,) * dims] = 1.0
     return k
+
+
+def add_centered(kernel: Tensor, small: Tensor) -> Tensor:
+    """``kernel + pad_kernel(small, kernel's size)``, added in place into ``kernel`` and returned.
+
+    For big kernels this avoids two full-size temporaries. ``kernel`` must be a float64 tensor
+    the caller owns (e.g. fresh from :func:`fold_bn`).
+    """
+    k, m = kernel.shape[2:], small.shape[2:]
+    if any((a - b) % 2 or b > a for a, b in zip(k, m, strict=True)):
+        raise ValueError(f"cannot center a {tuple(m)} kernel in {tuple(k)}")
+    window = tuple(slice((a - b) // 2, (a - b) // 2 + b) for a, b in zip(k, m, strict=True))
+    kernel[(slice(None), slice(None), *window)] += _f64(small)
+    return kernel
+
+
+def add_identity(kernel: Tensor, scale: Tensor, groups: int = 1) -> Tensor:
+    """``kernel + identity_kernel(...) * scale`` (per output channel), in place into ``kernel``.
+
+    The identity branch of a (channels -> channels, ``groups``) conv after its BN is folded:
+    ``K[i, i % (channels // groups), center] += scale[i]``. ``kernel`` is caller-owned float64.
+    """
+    channels, per_group = kernel.shape[0], kernel.shape[1]
+    if channels % groups or channels // groups != per_group:
+        raise ValueError(f"a {tuple(kernel.shape)} kernel is not a {channels}-channel identity with {groups} groups")
+    idx = torch.arange(channels)
+    center = tuple(s // 2 for s in kernel.shape[2:])
+    kernel[(idx, idx % per_group, *center)] += _f64(scale)
+    return kernel

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, KeyMismatch
-from ..fold import bn_scale_shift, fold_bn, identity_kernel, pad_kernel
+from ..fold import add_centered, add_identity, bn_scale_shift, fold_bn
 from ..fuser import Fused, Fuser, NotThisArch, Options, Plan
 
 # Global block indices (stage0 = 0) that the official g2/g4 variants make group-wise.
@@ -430,12 +430,15 @@ def merge_block(block: RepVGGBlock, name: str = "block") -> tuple[Tensor, Tensor
         return fold_bn(weight, None, scale, shift)
 
     n = block._n
-    kernel, bias = folded(dense.conv.weight, dense.bn, f"{n.dense}.bn")
+    kernel, bias = folded(dense.conv.weight, dense.bn, f"{n.dense}.bn")  # a fresh float64 tensor
     w1, b1 = folded(one.conv.weight, one.bn, f"{n.one}.bn")
-    kernel, bias = kernel + pad_kernel(w1, kernel.shape[2:]), bias + b1
-    if ident is not None:  # a grouped identity: K[i, i % (in/groups), 1, 1] = 1, built in float64
-        wi, bi = folded(identity_kernel(ident.num_features, groups, kernel.shape[-1]), ident, n.identity)
-        kernel, bias = kernel + wi, bias + bi
+    add_centered(kernel, w1)  # == kernel + pad_kernel(w1, 3x3), without full-size temporaries
+    bias = bias + b1
+    if ident is not None:  # a grouped identity: K[i, i % (in/groups), 1, 1] = 1, scaled by its BN
+        scale, shift = bn_scale_shift(ident.running_mean, ident.running_var, ident.weight, ident.bias, ident.eps,
+                                      f"{name}.{n.identity}")
+        add_identity(kernel, scale, groups)  # == kernel + fold(identity_kernel(...)), in place
+        bias = bias + shift
     return kernel, bias
 
 

@@ -1,0 +1,45 @@
+"""The pure fold functions against their definitions, in float64 with random values."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from repfuse_cli.fold import add_centered, add_identity, identity_kernel, merge_1x1, pad_kernel
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("channels, groups, size", [(6, 1, 3), (8, 2, 3), (8, 4, 5), (4, 4, 1)])
+def test_identity_kernel_is_the_identity(channels, groups, size):
+    x = torch.randn(2, channels, 7, 7, dtype=F64)
+    k = identity_kernel(channels, groups, size)
+    assert torch.equal(F.conv2d(x, k, padding=size // 2, groups=groups), x)
+
+
+def test_pad_kernel_keeps_the_function():
+    x, w = torch.randn(2, 4, 9, 9, dtype=F64), torch.randn(5, 4, 1, 1, dtype=F64)
+    assert torch.allclose(F.conv2d(x, w), F.conv2d(x, pad_kernel(w, 3), padding=1), atol=1e-12)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_in_place_adds_equal_their_definitions(groups):
+    g = torch.Generator().manual_seed(groups)
+    kernel = torch.randn(8, 8 // groups, 3, 3, dtype=F64, generator=g)
+    small = torch.randn(8, 8 // groups, 1, 1, dtype=F64, generator=g)
+    scale = torch.randn(8, dtype=F64, generator=g)
+    expected = kernel + pad_kernel(small, 3) + identity_kernel(8, groups, 3) * scale[:, None, None, None]
+    got = add_identity(add_centered(kernel.clone(), small), scale, groups)
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError):
+        add_centered(torch.zeros(2, 2, 3, 3, dtype=F64), torch.zeros(2, 2, 2, 2))
+
+
+def test_merge_1x1_composes_two_convs():
+    x = torch.randn(2, 3, 10, 10, dtype=F64)
+    w1, b1 = torch.randn(5, 3, 4, 4, dtype=F64), torch.randn(5, dtype=F64)
+    w2, b2 = torch.randn(6, 5, 1, 1, dtype=F64), torch.randn(6, dtype=F64)
+    w, b = merge_1x1(w2, b2, w1, b1)
+    ref = F.conv2d(F.conv2d(x, w1, b1, stride=2), w2, b2)
+    assert torch.allclose(F.conv2d(x, w, b, stride=2), ref, atol=1e-10)
