@@ -43,3 +43,15 @@ def test_merge_1x1_composes_two_convs():
     w, b = merge_1x1(w2, b2, w1, b1)
     ref = F.conv2d(F.conv2d(x, w1, b1, stride=2), w2, b2)
     assert torch.allclose(F.conv2d(x, w, b, stride=2), ref, atol=1e-10)
+
+
+def test_merge_1x1_in_blocks_rounds_once_to_the_output_dtype():
+    g = torch.Generator().manual_seed(0)
+    wo, wi = torch.randn(300, 200, 1, 1, generator=g), torch.randn(200, 200, 1, 1, generator=g)
+    exact, _ = merge_1x1(wo, None, wi, None)
+    for dtype in (torch.float32, torch.float16):
+        blocked, _ = merge_1x1(wo, None, wi, None, out_dtype=dtype, block_rows=64)
+        assert blocked.dtype == dtype and blocked.stride() == (200, 1, 1, 1)
+        # one rounding of the float64 product (BLAS may sum a row block in another order: 1 ulp)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(blocked, exact.to(dtype), rtol=eps, atol=eps * exact.abs().max().item())

@@ -362,7 +362,7 @@ def fuse_tensors(
     # stem: 4x4 conv + BN, then 1x1 conv + BN  ->  one 4x4 conv
     inner = _conv_bn_f64(sd, "stem1.0", "stem1.1")
     outer = _conv_bn_f64(sd, "stem2.0", "stem2.1")
-    put("stem.0", merge_1x1(*outer, *inner))
+    put("stem.0", merge_1x1(*outer, *inner, out_dtype=dtype))
     act("stem2.2", "stem.1")
     bn_folded += 2
     chain_merges += 1
@@ -371,14 +371,14 @@ def fuse_tensors(
         p = f"stages.{i}"
         inner = _conv_bn_f64(sd, f"{p}.conv1.0", f"{p}.conv1.1")
         outer = _conv_bn_f64(sd, f"{p}.conv2.0", f"{p}.conv2.1")
-        put(f"{p}.conv", merge_1x1(*outer, *inner))
+        put(f"{p}.conv", merge_1x1(*outer, *inner, out_dtype=dtype))
         act(f"{p}.act", f"{p}.act")
         bn_folded += 2
         chain_merges += 1
 
     # head: 1x1 conv + BN, then the 1x1 cls2 (no BN)  ->  one 1x1 conv
     inner = _conv_bn_f64(sd, "cls1.2", "cls1.3")
-    put("cls.2", merge_1x1(sd["cls2.0.weight"], sd.get("cls2.0.bias"), *inner))
+    put("cls.2", merge_1x1(sd["cls2.0.weight"], sd.get("cls2.0.bias"), *inner, out_dtype=dtype))
     bn_folded += 1
     chain_merges += 1
 
