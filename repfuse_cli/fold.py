@@ -92,6 +92,8 @@ def merge_1x1(
     inner_w: Tensor,
     inner_b: Tensor | None,
     *,
+    outer_scale: Tensor | None = None,
+    outer_shift: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     block_rows: int = 1024,
 ) -> tuple[Tensor, Tensor]:
@@ -99,27 +101,38 @@ def merge_1x1(
 
     ``inner_w`` may have any kernel (out_i, in, *k); ``outer_w`` is (out, out_i[, 1, 1...]).
     Returns ``W = Wo @ Wi`` (over the inner's output channels) and ``b = bo + Wo @ bi``, computed
-    in float64. With ``out_dtype`` the weight is produced in that dtype, ``block_rows`` output
-    rows at a time, so the full float64 product never exists (the 6144x6144 merges of
-    vanillanet_13_x1_5 would need 300 MB each); the bias stays float64.
+    in float64. ``outer_scale``/``outer_shift`` (from :func:`bn_scale_shift`) fold a BN that
+    follows ``outer`` on the way, exactly as ``fold_bn`` would. With ``out_dtype`` the weight is
+    produced in that dtype ``block_rows`` output rows at a time, so neither the folded float64
+    outer weight nor the float64 product exists in full (300 MB each for vanillanet_13_x1_5's
+    6144x6144 merges); the bias stays float64.
     """
-    wo = _f64(outer_w).reshape(outer_w.shape[0], outer_w.shape[1])
+    rows = outer_w.shape[0]
+    wo = outer_w.detach().reshape(rows, outer_w.shape[1])
     wi = _f64(inner_w)
     wi2 = wi.reshape(wi.shape[0], -1)
-    # A plain matmul, then a view: the result has standard strides. (An einsum leaves a merged
-    # 1x1 kernel with strides that also read as channels_last, which changes which conv kernel
-    # runs: weight layout matters to speed, REFERENCE §1.)
-    if out_dtype is None:
-        w = wo @ wi2
-    else:
-        w = torch.empty(wo.shape[0], wi2.shape[1], dtype=out_dtype)
-        for r in range(0, wo.shape[0], block_rows):
-            w[r : r + block_rows] = wo[r : r + block_rows] @ wi2
-    w = w.reshape(wo.shape[0], *wi.shape[1:])
-    b = torch.zeros(wo.shape[0], dtype=F64) if outer_b is None else _f64(outer_b)
-    if inner_b is not None:
-        b = b + wo @ _f64(inner_b)
-    return w, b
+    scale = None if outer_scale is None else _f64(outer_scale)
+
+    def outer_rows(r: slice) -> Tensor:  # float64, BN-folded rows of the outer weight
+        w = _f64(wo[r])
+        return w if scale is None else w * scale[r, None]
+
+    # Plain matmuls into a row-major buffer, then a view: standard strides. (An einsum leaves a
+    # merged 1x1 kernel with strides that also read as channels_last, which changes which conv
+    # kernel runs: weight layout matters to speed, REFERENCE §1.)
+    w = torch.empty(rows, wi2.shape[1], dtype=out_dtype or F64)
+    # b = fold(bo) + fold(Wo) @ bi, with fold(bo) = bo * scale + shift
+    b = torch.zeros(rows, dtype=F64) if outer_b is None else _f64(outer_b) * (1.0 if scale is None else scale)
+    if outer_shift is not None:
+        b = b + _f64(outer_shift)
+    bi = None if inner_b is None else _f64(inner_b)
+    for start in range(0, rows, block_rows):
+        r = slice(start, start + block_rows)
+        block = outer_rows(r)
+        w[r] = block @ wi2
+        if bi is not None:
+            b[r] += block @ bi
+    return w.reshape(rows, *wi.shape[1:]), b
 
 
 def pad_kernel(weight: Tensor, size: int | tuple[int, ...]) -> Tensor:

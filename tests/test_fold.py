@@ -55,3 +55,18 @@ def test_merge_1x1_in_blocks_rounds_once_to_the_output_dtype():
         # one rounding of the float64 product (BLAS may sum a row block in another order: 1 ulp)
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(blocked, exact.to(dtype), rtol=eps, atol=eps * exact.abs().max().item())
+
+
+def test_merge_1x1_folds_the_outer_bn_like_fold_bn():
+    from repfuse_cli.fold import bn_scale_shift, fold_bn
+
+    g = torch.Generator().manual_seed(1)
+    wo, bo = torch.randn(7, 5, 1, 1, generator=g), torch.randn(7, generator=g)
+    wi, bi = torch.randn(5, 3, 3, 3, generator=g), torch.randn(5, generator=g)
+    scale, shift = bn_scale_shift(torch.randn(7, generator=g), torch.rand(7, generator=g) + 0.5,
+                                  torch.rand(7, generator=g) + 0.5, torch.randn(7, generator=g), 1e-5)
+    w_ref, b_ref = merge_1x1(*fold_bn(wo, bo, scale, shift), wi, bi)
+    for outer_b in (bo, None):
+        w, b = merge_1x1(wo, outer_b, wi, bi, outer_scale=scale, outer_shift=shift, block_rows=3)
+        ref_b = b_ref if outer_b is not None else merge_1x1(*fold_bn(wo, None, scale, shift), wi, bi)[1]
+        assert torch.allclose(w, w_ref, rtol=1e-12, atol=1e-12) and torch.allclose(b, ref_b, rtol=1e-12, atol=1e-12)

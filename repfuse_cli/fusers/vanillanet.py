@@ -354,6 +354,13 @@ def fuse_tensors(
         # only one layer's float64 intermediates are alive at a time (237M params for x1_5).
         out[f"{name}.weight"], out[f"{name}.bias"] = (t.to(dtype).contiguous() for t in wb)
 
+    def merged(outer_conv: str, outer_bn: str, inner: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        # The outer conv's BN is folded row block by row block inside merge_1x1, so neither the
+        # folded float64 outer weight nor the float64 product is ever whole in memory.
+        scale, shift = _bn(sd, outer_bn)
+        return merge_1x1(sd[f"{outer_conv}.weight"], sd.get(f"{outer_conv}.bias"), *inner,
+                         outer_scale=scale, outer_shift=shift, out_dtype=dtype)
+
     def act(src: str, dst: str) -> None:
         nonlocal bn_folded
         put(dst, fold_bn(sd[f"{src}.weight"], None, *_bn(sd, f"{src}.bn")))
@@ -361,8 +368,7 @@ def fuse_tensors(
 
     # stem: 4x4 conv + BN, then 1x1 conv + BN  ->  one 4x4 conv
     inner = _conv_bn_f64(sd, "stem1.0", "stem1.1")
-    outer = _conv_bn_f64(sd, "stem2.0", "stem2.1")
-    put("stem.0", merge_1x1(*outer, *inner, out_dtype=dtype))
+    put("stem.0", merged("stem2.0", "stem2.1", inner))
     act("stem2.2", "stem.1")
     bn_folded += 2
     chain_merges += 1
@@ -370,8 +376,7 @@ def fuse_tensors(
     for i in range(depth):
         p = f"stages.{i}"
         inner = _conv_bn_f64(sd, f"{p}.conv1.0", f"{p}.conv1.1")
-        outer = _conv_bn_f64(sd, f"{p}.conv2.0", f"{p}.conv2.1")
-        put(f"{p}.conv", merge_1x1(*outer, *inner, out_dtype=dtype))
+        put(f"{p}.conv", merged(f"{p}.conv2.0", f"{p}.conv2.1", inner))
         act(f"{p}.act", f"{p}.act")
         bn_folded += 2
         chain_merges += 1
