@@ -94,6 +94,8 @@ def merge_1x1(
     *,
     outer_scale: Tensor | None = None,
     outer_shift: Tensor | None = None,
+    inner_scale: Tensor | None = None,
+    inner_shift: Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     block_rows: int = 1024,
 ) -> tuple[Tensor, Tensor]:
@@ -101,38 +103,48 @@ def merge_1x1(
 
     ``inner_w`` may have any kernel (out_i, in, *k); ``outer_w`` is (out, out_i[, 1, 1...]).
     Returns ``W = Wo @ Wi`` (over the inner's output channels) and ``b = bo + Wo @ bi``, computed
-    in float64. ``outer_scale``/``outer_shift`` (from :func:`bn_scale_shift`) fold a BN that
-    follows ``outer`` on the way, exactly as ``fold_bn`` would. With ``out_dtype`` the weight is
-    produced in that dtype ``block_rows`` output rows at a time, so neither the folded float64
-    outer weight nor the float64 product exists in full (300 MB each for vanillanet_13_x1_5's
-    6144x6144 merges); the bias stays float64.
+    in float64. ``*_scale``/``*_shift`` (from :func:`bn_scale_shift`) fold the BN that follows
+    each conv on the way, exactly as :func:`fold_bn` would. The product is computed in blocks of
+    ``block_rows`` rows of both operands and written in ``out_dtype`` (default float64), so no
+    whole float64 copy of either weight or of the product exists (300 MB each for
+    vanillanet_13_x1_5's 6144x6144 merges); the bias stays float64.
     """
-    rows = outer_w.shape[0]
-    wo = outer_w.detach().reshape(rows, outer_w.shape[1])
-    wi = _f64(inner_w)
-    wi2 = wi.reshape(wi.shape[0], -1)
-    scale = None if outer_scale is None else _f64(outer_scale)
+    rows, mid = outer_w.shape[0], outer_w.shape[1]
+    wo = outer_w.detach().reshape(rows, mid)
+    wi = inner_w.detach().reshape(mid, -1)
+    so, si = _f64(outer_scale), _f64(inner_scale)
 
-    def outer_rows(r: slice) -> Tensor:  # float64, BN-folded rows of the outer weight
+    def outer_rows(r: slice) -> Tensor:
         w = _f64(wo[r])
-        return w if scale is None else w * scale[r, None]
+        return w if so is None else w * so[r, None]
+
+    def inner_rows(k: slice) -> Tensor:
+        w = _f64(wi[k])
+        return w if si is None else w * si[k, None]
+
+    # folded biases: b' = b * scale + shift
+    bi = None if inner_b is None else _f64(inner_b) * (1.0 if si is None else si)
+    if inner_shift is not None:
+        bi = _f64(inner_shift) if bi is None else bi + _f64(inner_shift)
+    b = torch.zeros(rows, dtype=F64) if outer_b is None else _f64(outer_b) * (1.0 if so is None else so)
+    if outer_shift is not None:
+        b = b + _f64(outer_shift)
 
     # Plain matmuls into a row-major buffer, then a view: standard strides. (An einsum leaves a
     # merged 1x1 kernel with strides that also read as channels_last, which changes which conv
     # kernel runs: weight layout matters to speed, REFERENCE §1.)
-    w = torch.empty(rows, wi2.shape[1], dtype=out_dtype or F64)
-    # b = fold(bo) + fold(Wo) @ bi, with fold(bo) = bo * scale + shift
-    b = torch.zeros(rows, dtype=F64) if outer_b is None else _f64(outer_b) * (1.0 if scale is None else scale)
-    if outer_shift is not None:
-        b = b + _f64(outer_shift)
-    bi = None if inner_b is None else _f64(inner_b)
+    w = torch.empty(rows, wi.shape[1], dtype=out_dtype or F64)
+    inner_blocks = [slice(k, k + block_rows) for k in range(0, mid, block_rows)]
     for start in range(0, rows, block_rows):
         r = slice(start, start + block_rows)
-        block = outer_rows(r)
-        w[r] = block @ wi2
+        o = outer_rows(r)
+        acc = o[:, inner_blocks[0]] @ inner_rows(inner_blocks[0])
+        for k in inner_blocks[1:]:
+            acc += o[:, k] @ inner_rows(k)
+        w[r] = acc
         if bi is not None:
-            b[r] += block @ bi
-    return w.reshape(rows, *wi.shape[1:]), b
+            b[r] += o @ bi
+    return w.reshape(rows, *inner_w.shape[1:]), b
 
 
 def pad_kernel(weight: Tensor, size: int | tuple[int, ...]) -> Tensor:
@@ -178,16 +190,16 @@ def add_centered(kernel: Tensor, small: Tensor) -> Tensor:
     return kernel
 
 
-def add_identity(kernel: Tensor, scale: Tensor, groups: int = 1) -> Tensor:
+def add_identity(kernel: Tensor, scale: Tensor, first_row: int = 0) -> Tensor:
     """``kernel + identity_kernel(...) * scale`` (per output channel), in place into ``kernel``.
 
-    The identity branch of a (channels -> channels, ``groups``) conv after its BN is folded:
-    ``K[i, i % (channels // groups), center] += scale[i]``. ``kernel`` is caller-owned float64.
+    The identity branch of a (channels -> channels, groups) conv after its BN is folded:
+    ``K[i, i % (channels // groups), center] += scale[i]``, where ``channels // groups`` is the
+    kernel's second dimension. ``kernel`` (caller-owned float64) may be the block of output rows
+    starting at ``first_row``; ``scale`` holds those rows' scales.
     """
-    channels, per_group = kernel.shape[0], kernel.shape[1]
-    if channels % groups or channels // groups != per_group:
-        raise ValueError(f"a {tuple(kernel.shape)} kernel is not a {channels}-channel identity with {groups} groups")
-    idx = torch.arange(channels)
+    per_group = kernel.shape[1]
+    idx = torch.arange(first_row, first_row + kernel.shape[0])
     center = tuple(s // 2 for s in kernel.shape[2:])
-    kernel[(idx, idx % per_group, *center)] += _f64(scale)
+    kernel[(idx - first_row, idx % per_group, *center)] += _f64(scale)
     return kernel

@@ -30,8 +30,13 @@ def test_in_place_adds_equal_their_definitions(groups):
     small = torch.randn(8, 8 // groups, 1, 1, dtype=F64, generator=g)
     scale = torch.randn(8, dtype=F64, generator=g)
     expected = kernel + pad_kernel(small, 3) + identity_kernel(8, groups, 3) * scale[:, None, None, None]
-    got = add_identity(add_centered(kernel.clone(), small), scale, groups)
+    got = add_identity(add_centered(kernel.clone(), small), scale)
     assert torch.equal(got, expected)
+    rows = kernel.clone()  # the same, a block of output rows at a time
+    for start in range(0, 8, 3):
+        block = rows[start : start + 3]
+        add_identity(add_centered(block, small[start : start + 3]), scale[start : start + 3], first_row=start)
+    assert torch.equal(rows, expected)
     with pytest.raises(ValueError):
         add_centered(torch.zeros(2, 2, 3, 3, dtype=F64), torch.zeros(2, 2, 2, 2))
 
@@ -57,16 +62,20 @@ def test_merge_1x1_in_blocks_rounds_once_to_the_output_dtype():
         torch.testing.assert_close(blocked, exact.to(dtype), rtol=eps, atol=eps * exact.abs().max().item())
 
 
-def test_merge_1x1_folds_the_outer_bn_like_fold_bn():
+def test_merge_1x1_folds_both_bns_like_fold_bn_in_blocks():
     from repfuse_cli.fold import bn_scale_shift, fold_bn
 
     g = torch.Generator().manual_seed(1)
+
+    def bn(n):
+        return bn_scale_shift(torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5,
+                              torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), 1e-5)
+
     wo, bo = torch.randn(7, 5, 1, 1, generator=g), torch.randn(7, generator=g)
     wi, bi = torch.randn(5, 3, 3, 3, generator=g), torch.randn(5, generator=g)
-    scale, shift = bn_scale_shift(torch.randn(7, generator=g), torch.rand(7, generator=g) + 0.5,
-                                  torch.rand(7, generator=g) + 0.5, torch.randn(7, generator=g), 1e-5)
-    w_ref, b_ref = merge_1x1(*fold_bn(wo, bo, scale, shift), wi, bi)
-    for outer_b in (bo, None):
-        w, b = merge_1x1(wo, outer_b, wi, bi, outer_scale=scale, outer_shift=shift, block_rows=3)
-        ref_b = b_ref if outer_b is not None else merge_1x1(*fold_bn(wo, None, scale, shift), wi, bi)[1]
-        assert torch.allclose(w, w_ref, rtol=1e-12, atol=1e-12) and torch.allclose(b, ref_b, rtol=1e-12, atol=1e-12)
+    (so, to), (si, ti) = bn(7), bn(5)
+    for outer_b, inner_b in ((bo, bi), (None, None)):
+        w_ref, b_ref = merge_1x1(*fold_bn(wo, outer_b, so, to), *fold_bn(wi, inner_b, si, ti))
+        w, b = merge_1x1(wo, outer_b, wi, inner_b, outer_scale=so, outer_shift=to, inner_scale=si,
+                         inner_shift=ti, block_rows=2)  # blocks over both operands' rows
+        assert torch.allclose(w, w_ref, rtol=1e-12, atol=1e-12) and torch.allclose(b, b_ref, rtol=1e-12, atol=1e-12)

@@ -419,26 +419,35 @@ def match_variant(config: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- fusion
 
 
-def merge_block(block: RepVGGBlock, name: str = "block") -> tuple[Tensor, Tensor]:
-    """The float64 (kernel, bias) of the single 3x3 conv equal to ``block``'s three branches."""
+def merge_block(
+    block: RepVGGBlock, name: str = "block", out_dtype: torch.dtype | None = None, block_rows: int = 256
+) -> tuple[Tensor, Tensor]:
+    """The (kernel, bias) of the single 3x3 conv equal to ``block``'s three branches.
+
+    Computed in float64 a block of output channels at a time and written in ``out_dtype``
+    (float64 by default): every output channel depends only on its own rows of the three
+    branches, so no whole float64 kernel exists (236 MB for RepVGG-B3's last block).
+    """
     dense, one, ident = block.branches()
-    groups = dense.conv.groups
-
-    def folded(weight: Tensor, bn: nn.BatchNorm2d, what: str) -> tuple[Tensor, Tensor]:
-        scale, shift = bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps,
-                                      f"{name}.{what}")
-        return fold_bn(weight, None, scale, shift)
-
     n = block._n
-    kernel, bias = folded(dense.conv.weight, dense.bn, f"{n.dense}.bn")  # a fresh float64 tensor
-    w1, b1 = folded(one.conv.weight, one.bn, f"{n.one}.bn")
-    add_centered(kernel, w1)  # == kernel + pad_kernel(w1, 3x3), without full-size temporaries
-    bias = bias + b1
-    if ident is not None:  # a grouped identity: K[i, i % (in/groups), 1, 1] = 1, scaled by its BN
-        scale, shift = bn_scale_shift(ident.running_mean, ident.running_var, ident.weight, ident.bias, ident.eps,
-                                      f"{name}.{n.identity}")
-        add_identity(kernel, scale, groups)  # == kernel + fold(identity_kernel(...)), in place
-        bias = bias + shift
+
+    def bn(module: nn.BatchNorm2d, what: str) -> tuple[Tensor, Tensor]:
+        return bn_scale_shift(module.running_mean, module.running_var, module.weight, module.bias, module.eps,
+                              f"{name}.{what}")
+
+    s_d, t_d = bn(dense.bn, f"{n.dense}.bn")
+    s_1, t_1 = bn(one.bn, f"{n.one}.bn")
+    s_i, t_i = bn(ident, n.identity) if ident is not None else (None, None)
+    weight, weight_1 = dense.conv.weight, one.conv.weight
+    kernel = torch.empty(weight.shape, dtype=out_dtype or torch.float64)
+    for start in range(0, weight.shape[0], block_rows):
+        r = slice(start, start + block_rows)
+        k, _ = fold_bn(weight[r], None, s_d[r], t_d[r])  # fresh float64 rows
+        add_centered(k, fold_bn(weight_1[r], None, s_1[r], t_1[r])[0])  # == + pad_kernel(1x1, 3x3)
+        if s_i is not None:  # a grouped identity: K[i, i % (in/groups), 1, 1] = 1, scaled by its BN
+            add_identity(k, s_i[r], first_row=start)
+        kernel[r] = k
+    bias = t_d + t_1 + (t_i if t_i is not None else 0)
     return kernel, bias
 
 
@@ -505,8 +514,8 @@ class RepVGGFuser(Fuser):
         counts = {"bn_folded": 0, "branch_merges": 0, "chain_merges": 0}
         unfused: list[tuple[str, str]] = []
         for prefix, block in train.named_blocks():
-            kernel, bias = merge_block(block, prefix)
-            out[f"{prefix}.{n.reparam}.weight"] = kernel.to(dtype).contiguous()
+            kernel, bias = merge_block(block, prefix, out_dtype=dtype)
+            out[f"{prefix}.{n.reparam}.weight"] = kernel
             out[f"{prefix}.{n.reparam}.bias"] = bias.to(dtype).contiguous()
             counts["bn_folded"] += 2 + (block.branches()[2] is not None)
             counts["branch_merges"] += 1

@@ -333,10 +333,6 @@ def _bn(sd: Mapping[str, Tensor], prefix: str) -> tuple[Tensor, Tensor]:
     )
 
 
-def _conv_bn_f64(sd: Mapping[str, Tensor], conv: str, bn: str) -> tuple[Tensor, Tensor]:
-    return fold_bn(sd[f"{conv}.weight"], sd.get(f"{conv}.bias"), *_bn(sd, bn))
-
-
 def fuse_tensors(
     sd: Mapping[str, Tensor], depth: int, dtype: torch.dtype | None = None
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
@@ -354,12 +350,14 @@ def fuse_tensors(
         # only one layer's float64 intermediates are alive at a time (237M params for x1_5).
         out[f"{name}.weight"], out[f"{name}.bias"] = (t.to(dtype).contiguous() for t in wb)
 
-    def merged(outer_conv: str, outer_bn: str, inner: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        # The outer conv's BN is folded row block by row block inside merge_1x1, so neither the
-        # folded float64 outer weight nor the float64 product is ever whole in memory.
-        scale, shift = _bn(sd, outer_bn)
-        return merge_1x1(sd[f"{outer_conv}.weight"], sd.get(f"{outer_conv}.bias"), *inner,
-                         outer_scale=scale, outer_shift=shift, out_dtype=dtype)
+    def merged(outer: str, inner: str) -> tuple[Tensor, Tensor]:
+        # Both convs' BNs are folded block by block inside merge_1x1, so no whole float64 copy
+        # of either weight, nor of their product, is ever in memory.
+        so, to = _bn(sd, f"{outer}.1")
+        si, ti = _bn(sd, f"{inner}.1")
+        return merge_1x1(sd[f"{outer}.0.weight"], sd.get(f"{outer}.0.bias"), sd[f"{inner}.0.weight"],
+                         sd.get(f"{inner}.0.bias"), outer_scale=so, outer_shift=to, inner_scale=si,
+                         inner_shift=ti, out_dtype=dtype)
 
     def act(src: str, dst: str) -> None:
         nonlocal bn_folded
@@ -367,23 +365,22 @@ def fuse_tensors(
         bn_folded += 1
 
     # stem: 4x4 conv + BN, then 1x1 conv + BN  ->  one 4x4 conv
-    inner = _conv_bn_f64(sd, "stem1.0", "stem1.1")
-    put("stem.0", merged("stem2.0", "stem2.1", inner))
+    put("stem.0", merged("stem2", "stem1"))
     act("stem2.2", "stem.1")
     bn_folded += 2
     chain_merges += 1
 
     for i in range(depth):
         p = f"stages.{i}"
-        inner = _conv_bn_f64(sd, f"{p}.conv1.0", f"{p}.conv1.1")
-        put(f"{p}.conv", merged(f"{p}.conv2.0", f"{p}.conv2.1", inner))
+        put(f"{p}.conv", merged(f"{p}.conv2", f"{p}.conv1"))
         act(f"{p}.act", f"{p}.act")
         bn_folded += 2
         chain_merges += 1
 
     # head: 1x1 conv + BN, then the 1x1 cls2 (no BN)  ->  one 1x1 conv
-    inner = _conv_bn_f64(sd, "cls1.2", "cls1.3")
-    put("cls.2", merge_1x1(sd["cls2.0.weight"], sd.get("cls2.0.bias"), *inner, out_dtype=dtype))
+    si, ti = _bn(sd, "cls1.3")
+    put("cls.2", merge_1x1(sd["cls2.0.weight"], sd.get("cls2.0.bias"), sd["cls1.2.weight"], sd.get("cls1.2.bias"),
+                           inner_scale=si, inner_shift=ti, out_dtype=dtype))
     bn_folded += 1
     chain_merges += 1
 
