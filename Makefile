@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench samples clean
+.PHONY: install test lint demo bench bench-quick samples clean
 
 install: $(STAMP)
 
@@ -41,6 +41,9 @@ samples: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python bench/run_all.py --quick
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -43,7 +43,7 @@ def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None)
     if ckpt.metadata.get("format") == DEPLOY_FORMAT:
         raise BadInput(f"{ckpt.path}: is already a repfuse deploy file (nothing to fuse)")
     if arch.startswith("timm:"):
-        options.model, arch = arch, "conv-bn"
+        options, arch = dataclasses.replace(options, model=arch), "conv-bn"  # the caller's Options stay as given
     if arch != "auto":
         fuser = get_fuser(arch)
         try:
@@ -506,8 +506,7 @@ def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto"
         fuser, plan = detect(ckpt, arch, options)
     except AnnealingUnfinished as e:
         warnings.append(str(e))
-        options.assume_annealed = True
-        fuser, plan = detect(ckpt, arch, options)
+        fuser, plan = detect(ckpt, arch, dataclasses.replace(options, assume_annealed=True))
     except UnknownArch as e:
         result.update(mode="unknown", arch=None, variant=None, params=None, would_fuse=None)
         warnings.append(str(e))
