@@ -157,7 +157,7 @@ def convert(
                 checkpoint, output, arch=arch, key=key, force=force, trust=trust_checkpoint,
                 options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
                 verify=not no_verify, resolution=resolution, batch=batch, seed=seed, atol=atol, rtol=rtol,
-                on_step=on_step,
+                report=json_out or not quiet, on_step=on_step,
             )
         if json_out:
             _emit_json(result)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ def run_conversion(
     atol: float | None = None,
     rtol: float | None = None,
     write: bool = True,
+    report: bool = True,
     on_step: Step = _noop,
 ) -> Conversion:
     """:func:`convert`, returning the models and intermediate results as well.
@@ -147,7 +149,8 @@ def run_conversion(
     weights; ``options``: variant/model/assume_annealed; ``force``: overwrite ``output``;
     ``trust``: unpickle arbitrary code (dangerous); ``verify``: compare the two models on
     ``batch`` seeded inputs at ``resolution`` within ``atol``/``rtol``; ``write``: save the file;
-    ``on_step``: called with each pipeline step's name (for progress display).
+    ``report``: count params/FLOPs/layers (about a second of first-use imports; the CLI skips it
+    when nothing is shown); ``on_step``: called with each pipeline step's name (for progress).
     """
     t0 = time.perf_counter()
     src = Path(path)
@@ -157,6 +160,12 @@ def run_conversion(
 
     on_step("load")
     ckpt = load_checkpoint(src, key=key, trust=trust)
+    # the source's sha256 (for the deploy metadata) is read in a thread while the work goes on
+    sha256 = None
+    if write:
+        hasher = ThreadPoolExecutor(1)
+        sha256 = hasher.submit(ckpt.sha256)
+        hasher.shutdown(wait=False)  # the running hash finishes; the pool takes no more work
     check_finite(ckpt.state_dict, src)
 
     on_step("detect")
@@ -183,7 +192,7 @@ def run_conversion(
         )
 
     on_step("report")
-    before, after = model_stats(train, (1, c, h, w)), model_stats(deploy, (1, c, h, w))
+    before, after = (model_stats(train, (1, c, h, w)), model_stats(deploy, (1, c, h, w))) if report else (None, None)
     result: dict[str, Any] = {
         "input": str(src),
         "output": str(out) if write else None,
@@ -196,16 +205,16 @@ def run_conversion(
         "stripped_prefixes": ckpt.stripped_prefixes,
         "dtype": str(ckpt.dtype).replace("torch.", ""),
         "resolution": h,
-        "params_before": before.params,
-        "params_after": after.params,
-        "flops_before": before.flops,
-        "flops_after": after.flops,
+        "params_before": before.params if before else None,
+        "params_after": after.params if after else None,
+        "flops_before": before.flops if before else None,
+        "flops_after": after.flops if after else None,
         "bn_folded": fused.counts.get("bn_folded", 0),
         "fused": dict(fused.counts),
         "unfused": [{"module": m, "reason": r} for m, r in fused.unfused],
         "notes": list(plan.notes),
-        "before": before.to_dict(),
-        "after": after.to_dict(),
+        "before": before.to_dict() if before else None,
+        "after": after.to_dict() if after else None,
         "verify": result_verify.to_dict() if result_verify else None,
         "repfuse_version": __version__,
     }
@@ -227,7 +236,7 @@ def run_conversion(
             "format": DEPLOY_FORMAT,
             "repfuse_version": __version__,
             "source": src.name,
-            "source_sha256": ckpt.sha256(),
+            "source_sha256": sha256.result(),
             "source_key": ckpt.key or "",
             "dtype": result["dtype"],
             **deploy_plan.to_metadata(),

@@ -329,3 +329,20 @@ def test_deploy_metadata_never_makes_repfuse_import_code(tmp_path):
     r = runner.invoke(app, ["inspect", str(deploy), "--model", "toy_models:reversed_order"])
     assert r.exit_code == 0, r.stderr
     assert runner.invoke(app, ["verify", str(path), str(deploy), *TOY]).exit_code == 0
+
+
+def test_deploy_metadata_records_the_source(toy):
+    from safetensors import safe_open
+
+    from repfuse_cli.pipeline import convert as library_convert
+
+    assert convert(toy, *TOY, "-q").exit_code == 0
+    with safe_open(str(toy.with_name("toy.deploy.safetensors")), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["source_sha256"] == sha(toy) and meta["source"] == "toy.pth" and meta["arch"] == "conv-bn"
+    assert meta["format"] == "repfuse-deploy" and meta["source_key"] == "model" and meta["dtype"] == "float32"
+    from repfuse_cli.fuser import Options
+
+    res = library_convert(toy, toy.with_name("again.safetensors"), options=Options(model="toy_models:reversed_order"),
+                          resolution=16, report=False)
+    assert res["params_before"] is None and res["before"] is None and res["verify"]["passed"]
