@@ -30,7 +30,8 @@ Method:
   outputs are compared too (max abs difference / max abs output). Strides of in-memory deploy tensors that differ from
   ``torch.empty(shape)``'s are listed.
 
-Target: repfuse deploy / independent deploy latency ratio <= 1.03 (no slower; faster is fine), in memory and from the file.
+Target: repfuse deploy / independent deploy latency ratio <= 1.03 (no slower; faster is fine),
+in memory and from the file.
 """
 
 from __future__ import annotations
