@@ -46,10 +46,14 @@ def example_commands() -> list[str]:
             for line in body.splitlines() if line.startswith("repfuse ")]
 
 
-@pytest.mark.parametrize("command", example_commands())
-def test_example_command_runs(command, workdir):
-    p = subprocess.run(command, shell=True, cwd=workdir, env=env(), capture_output=True, text=True)
-    assert p.returncode == 0, (command, p.stdout[-2000:], p.stderr[-2000:])
+def test_example_commands_run_in_order(workdir):
+    """One test, in README order: later commands use the files earlier ones wrote (and xdist
+    would otherwise send them to workers with different working directories)."""
+    commands = example_commands()
+    assert len(commands) >= 6
+    for command in commands:
+        p = subprocess.run(command, shell=True, cwd=workdir, env=env(), capture_output=True, text=True)
+        assert p.returncode == 0, (command, p.stdout[-2000:], p.stderr[-2000:])
 
 
 def test_release_pipeline_script_runs_and_fails_on_mismatch(workdir, tmp_path):
