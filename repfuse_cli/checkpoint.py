@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import BadInput, KeyMismatch, UnsafeCheckpoint
+from .errors import BadInput, KeyMismatch, UnsafeCheckpoint, first_line
 
 PREFIXES = ("module.", "_orig_mod.")
 # Keys that hold non-EMA weights in the wild, in order of preference.
@@ -164,9 +164,8 @@ def read_file(path: str | os.PathLike, trust: bool = False) -> tuple[Any, str, d
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0] if text else type(e).__name__
-    return first.split(". ")[0][:200]
+    """The first sentence of the first line: torch's reader errors go on for paragraphs."""
+    return first_line(e, 10_000).split(". ")[0][:200]
 
 
 def _is_weights(obj: Any) -> bool:

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from .errors import RepfuseError
+from .errors import RepfuseError, first_line
 
 app = typer.Typer(
     name="repfuse",
@@ -49,6 +49,8 @@ ResOpt = Annotated[int | None, typer.Option("--resolution", help="Input height/w
 BatchOpt = Annotated[int, typer.Option("--batch", help="Batch size of the seeded random inputs.", min=1)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
 AtolOpt = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default per dtype).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (TF32 off; bench: cudnn.benchmark "
+                                        "on).")]
 RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Tolerance relative to max|output| "
                                                "(default per dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).")]
 
@@ -75,6 +77,14 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def _show(result: dict, json_out: bool, quiet: bool, render) -> None:
+    """A command's result: one JSON object with --json, else ``render``'s tables unless --quiet."""
+    if json_out:
+        _emit_json(result)
+    elif not quiet:
+        out_console.print(render(result))
+
+
 def _fail(msg: str, code: int, json_out: bool, result: dict | None = None) -> typer.Exit:
     print(f"repfuse: error: {msg}", file=sys.stderr)
     if json_out:
@@ -88,15 +98,14 @@ def _errors(json_out: bool) -> Iterator[None]:
     try:
         yield
     except RepfuseError as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e, 10_000)
         raise _fail(msg, e.exit_code, json_out, getattr(e, "result", None)) from None
     except KeyboardInterrupt:
         raise _fail("interrupted; nothing written", 130, json_out) from None
     except Exception as e:  # a bug: still one line (and JSON) for pipelines, the traceback on request
         if os.environ.get("REPFUSE_DEBUG"):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        msg = (f"internal error: {type(e).__name__}: {first} (a bug in repfuse; "
+        msg = (f"internal error: {type(e).__name__}: {first_line(e, 300)} (a bug in repfuse; "
                "rerun with REPFUSE_DEBUG=1 for the traceback)")
         raise _fail(msg, INTERNAL_ERROR, json_out) from None
 
@@ -159,10 +168,7 @@ def convert(
                 verify=not no_verify, resolution=resolution, batch=batch, seed=seed, atol=atol, rtol=rtol,
                 report=json_out or not quiet, on_step=on_step,
             )
-        if json_out:
-            _emit_json(result)
-        elif not quiet:
-            out_console.print(conversion_report(result))
+        _show(result, json_out, quiet, conversion_report)
 
 
 @app.command()
@@ -180,7 +186,7 @@ def verify(
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda (TF32 is turned off).")] = "cpu",
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -200,10 +206,7 @@ def verify(
                 options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
                 resolution=resolution, seed=seed, atol=atol, rtol=rtol, device=device,
             )
-        if json_out:
-            _emit_json(result)
-        elif not quiet:
-            out_console.print(verify_report(result))
+        _show(result, json_out, quiet, verify_report)
 
 
 @app.command()
@@ -222,10 +225,7 @@ def inspect(
         from .report import inspect_report
 
         result = inspect_file(checkpoint, key=key, arch=arch, options=Options(model=model), trust=trust_checkpoint)
-        if json_out:
-            _emit_json(result)
-        else:
-            out_console.print(inspect_report(result))
+        _show(result, json_out, False, inspect_report)
 
 
 @app.command()
@@ -238,7 +238,7 @@ def bench(
     batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch size; repeat for several "
                                                     "(default 1).", min=1)] = None,
     resolution: ResOpt = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda (TF32 off, cudnn.benchmark on).")] = "cpu",
+    device: DeviceOpt = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd models.")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.", min=1)] = 10,
@@ -261,10 +261,7 @@ def bench(
                 options=Options(model=model, assume_annealed=assume_annealed), batches=tuple(batch or [1]),
                 resolution=resolution, device=device, compile=compile, warmup=warmup, repeats=repeats,
             )
-        if json_out:
-            _emit_json(result)
-        elif not quiet:
-            out_console.print(bench_table(result))
+        _show(result, json_out, quiet, bench_table)
 
 
 @app.command()

@@ -11,6 +11,12 @@ Anything else (a traceback) is a bug in repfuse.
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type name if empty), at most ``limit`` chars."""
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:limit]
+
+
 class RepfuseError(Exception):
     """Base class: a problem with the user's input. Its message is one line naming the culprit."""
 

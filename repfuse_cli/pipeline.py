@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, load_strict
-from .errors import BadInput, RepfuseError, UnknownArch, VerifyFailed
+from .errors import BadInput, RepfuseError, UnknownArch, VerifyFailed, first_line
 from .fold import standard_layout
 from .fuser import Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
@@ -308,7 +308,7 @@ def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
     except BadInput:
         raise
     except Exception as e:
-        raise BadInput(f"{path}: cannot read inputs ({str(e).splitlines()[0][:160]})") from None
+        raise BadInput(f"{path}: cannot read inputs ({first_line(e, 160)})") from None
     labels = None
     if isinstance(obj, dict):
         if "images" not in obj and len(obj) != 1:

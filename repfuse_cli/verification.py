@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .errors import BadInput
+from .errors import BadInput, first_line
 
 # Default tolerances per checkpoint dtype: (atol, rtol). A result passes when
 # max|train - deploy| <= atol + rtol * max|train| (differences relative to the output's scale).
@@ -157,8 +157,7 @@ def _forward(model: nn.Module, x: Tensor, dtype: torch.dtype, device: str, which
     try:
         return run(model, x, dtype, device)
     except (RuntimeError, ValueError, IndexError) as e:  # inputs the network cannot take
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise BadInput(f"the {which} model cannot run on inputs of shape {tuple(x.shape)}: {first}") from None
+        raise BadInput(f"the {which} model cannot run on inputs of shape {tuple(x.shape)}: {first_line(e)}") from None
 
 
 def verify_models(
