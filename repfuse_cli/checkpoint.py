@@ -9,12 +9,14 @@ running them). Only ``trust=True`` (the CLI's ``--trust-checkpoint``) loads such
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import hashlib
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,9 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors metadata
     stripped_prefixes: list[str] = field(default_factory=list)
     entries: dict[str, str] = field(default_factory=dict)  # top-level entry -> what it holds
+    # Address ranges where this process memory-maps the file (torch's zip format is loaded with
+    # mmap); ``release`` drops resident pages only inside these.
+    mapped: tuple[tuple[int, int], ...] = ()
 
     @property
     def ema_keys(self) -> list[str]:
@@ -70,6 +75,18 @@ class Checkpoint:
     def sha256(self) -> str:
         return file_sha256(self.path)
 
+    def release(self, tensors: Iterable[Tensor | None]) -> None:
+        """Tell the OS it may drop the memory behind these checkpoint tensors.
+
+        A memory-mapped checkpoint counts in the process's resident memory once read; a pipeline
+        that is done with a tensor releases it so the whole file is not resident at once. The
+        tensors stay valid: a later read maps the pages from the file again. Only whole pages
+        inside this file's mappings are released, never other memory. Nothing here writes
+        to checkpoint tensors (a page written in a private mapping would be lost).
+        """
+        if self.mapped:
+            release_pages(tensors, self.mapped)
+
 
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
@@ -77,6 +94,55 @@ def file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+_MADV_DONTNEED = 4  # linux/mman.h
+
+
+def file_mappings(path: Path) -> tuple[tuple[int, int], ...]:
+    """The (start, end) address ranges where this process maps ``path``; () where unknown."""
+    try:
+        ino, real = path.stat().st_ino, str(path.resolve())
+        ranges = []
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(maxsplit=5)
+                if len(fields) == 6 and fields[4] == str(ino) and fields[5] == real:
+                    start, end = (int(a, 16) for a in fields[0].split("-"))
+                    ranges.append((start, end))
+        return tuple(ranges)
+    except (OSError, ValueError):  # not Linux, or no /proc
+        return ()
+
+
+@functools.cache
+def _madvise() -> Any:
+    try:
+        f = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):  # no C library to call, or no madvise in it
+        return None
+    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return f
+
+
+def release_pages(tensors: Iterable[Tensor | None], ranges: tuple[tuple[int, int], ...]) -> int:
+    """``madvise(MADV_DONTNEED)`` the whole pages of each tensor's storage that lie inside one
+    of ``ranges`` (file mappings, whose pages are re-read from the file when touched again).
+    Returns the bytes released; 0 where madvise is unavailable."""
+    madvise = _madvise()
+    if madvise is None:
+        return 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    released = 0
+    for t in tensors:
+        if t is None or t.device.type != "cpu" or not t.numel():
+            continue
+        storage = t.untyped_storage()
+        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+        lo, hi = -(-start // page) * page, end // page * page
+        if hi > lo and any(a <= lo and hi <= b for a, b in ranges) and madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
+            released += hi - lo
+    return released
 
 
 def float_dtype(state_dict: Mapping[str, Tensor]) -> torch.dtype:
@@ -248,7 +314,8 @@ def load_checkpoint(path: str | os.PathLike, key: str | None = None, trust: bool
         k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")
     }
     entries = {} if chosen is None and _is_weights(obj) else {str(k): _describe(v) for k, v in obj.items()}
-    return Checkpoint(path, fmt, sd, chosen, weight_keys, extras, dict(meta), stripped, entries)
+    mapped = file_mappings(path) if fmt == "torch" else ()
+    return Checkpoint(path, fmt, sd, chosen, weight_keys, extras, dict(meta), stripped, entries, mapped)
 
 
 def _describe(v: Any) -> str:
@@ -280,14 +347,21 @@ def _default_key(path: Path, weight_keys: list[str]) -> str:
     raise BadInput(f"{path}: several weight entries ({', '.join(weight_keys)}); choose one with --key")
 
 
-def check_finite(sd: Mapping[str, Tensor], where: Path | str) -> None:
-    """Raise BadInput naming the first floating tensor with NaN or inf."""
+def check_finite(
+    sd: Mapping[str, Tensor], where: Path | str, done: Callable[[list[Tensor]], None] | None = None
+) -> None:
+    """Raise BadInput naming the first floating tensor with NaN or inf.
+
+    ``done`` (e.g. ``Checkpoint.release``) is called with each tensor once it was checked.
+    """
     for k, v in sd.items():
         # A finite sum proves every element finite (NaN and inf propagate) in one read without a
         # temporary; only a non-finite sum (maybe an overflow) needs the elementwise check.
         if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum()):
             if not torch.isfinite(v).all():
                 raise BadInput(f"{where}: `{k}` holds non-finite values (NaN or inf)")
+        if done is not None:
+            done([v])
 
 
 def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Module:

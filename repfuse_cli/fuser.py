@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -20,6 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor, nn
 
     from .checkpoint import Checkpoint
+
+
+# What a fuser may call with input tensors it has finished with (see ``Fuser.fuse``).
+Done = Callable[[list["Tensor"]], None]
 
 
 class NotThisArch(RepfuseError):
@@ -107,7 +112,14 @@ class Fuser(ABC):
 
     @abstractmethod
     def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
-        """Compute the deploy weights. Must not modify ``state_dict`` or ``train``."""
+        """Compute the deploy weights. Must not modify ``state_dict`` or ``train``.
+
+        A fuser that works part by part may also take a keyword ``done: Done | None = None``
+        and call it with the input tensors (``state_dict``'s or ``train``'s) of each part it has
+        finished; the pipeline then lets the memory behind them go (the pages of a
+        memory-mapped checkpoint), so a large checkpoint is never resident all at once. The
+        tensors stay valid; fusers without the keyword work as well.
+        """
 
     @abstractmethod
     def build_deploy(self, plan: Plan) -> nn.Module:

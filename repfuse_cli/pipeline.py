@@ -10,9 +10,11 @@ don't match. No output file is written unless verification passed.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,9 @@ from . import __version__
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, load_strict
 from .errors import BadInput, RepfuseError, UnknownArch, VerifyFailed, first_line
 from .fold import standard_layout
-from .fuser import Fused, Fuser, NotThisArch, Options, Plan
+from .fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
-from .save import check_output, default_output, write_safetensors
+from .save import StagedWrite, check_output, default_output
 from .stats import model_stats
 from .verification import VerifyResult, check_device, seeded_inputs, verify_models
 
@@ -73,12 +75,29 @@ def at_resolution(plan: Plan, resolution: int | None) -> Plan:
     return dataclasses.replace(plan, input_size=(plan.input_size[0], resolution, resolution))
 
 
-def fuse(fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
+def fuse(
+    fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None
+) -> Fused:
     """Run the fuser; give every deploy tensor the standard layout the file will hold, so the
-    deploy model that is verified and timed is the one users load."""
-    fused = fuser.fuse(plan, state_dict, train)
+    deploy model that is verified and timed is the one users load. ``done`` goes to fusers
+    that take it (see ``Fuser.fuse``)."""
+    streams = done is not None and "done" in inspect.signature(fuser.fuse).parameters
+    fused = fuser.fuse(plan, state_dict, train, done=done) if streams else fuser.fuse(plan, state_dict, train)
     fused.tensors = {k: standard_layout(v) for k, v in fused.tensors.items()}
     return fused
+
+
+@contextmanager
+def releasing(model: nn.Module, done: Done) -> Iterator[None]:
+    """While inside, each module of ``model`` hands its own weights to ``done`` once it has run
+    (a training model on a memory-mapped checkpoint then never has all its pages resident)."""
+    own = {m: [*m.parameters(recurse=False), *m.buffers(recurse=False)] for m in model.modules()}
+    handles = [m.register_forward_hook(lambda mod, args, out: done(own[mod])) for m, t in own.items() if t]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def build_deploy_model(fuser: Fuser, plan: Plan, tensors: dict[str, Tensor], where: str) -> nn.Module:
@@ -166,7 +185,9 @@ def run_conversion(
         hasher = ThreadPoolExecutor(1)
         sha256 = hasher.submit(ckpt.sha256)
         hasher.shutdown(wait=False)  # the running hash finishes; the pool takes no more work
-    check_finite(ckpt.state_dict, src)
+    # A memory-mapped checkpoint's pages are let go as soon as each step is done with them
+    # (Checkpoint.release), so the file is not resident all at once next to the deploy tensors.
+    check_finite(ckpt.state_dict, src, done=ckpt.release)
 
     on_step("detect")
     fuser, plan = detect(ckpt, arch, options)
@@ -176,72 +197,85 @@ def run_conversion(
     train = fuser.build_train(plan, ckpt.state_dict)
 
     on_step("fuse")
-    fused = fuse(fuser, plan, ckpt.state_dict, train)
+    fused = fuse(fuser, plan, ckpt.state_dict, train, done=ckpt.release)
     deploy_plan = plan.with_config(fused.config)
     deploy = build_deploy_model(fuser, deploy_plan, fused.tensors, f"{fuser.name} deploy model")
 
-    c, h, w = plan.input_size
-    result_verify = None
-    if verify:
-        on_step("verify")
-        x = seeded_inputs(batch, (c, h, w), seed)
-        result_verify = verify_models(
-            train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol,
-            exclude=fused.config.get("fused_modules", []),
-            inputs_desc=f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}",
-        )
+    dtype = str(ckpt.dtype).replace("torch.", "")
 
-    on_step("report")
-    before, after = (model_stats(train, (1, c, h, w)), model_stats(deploy, (1, c, h, w))) if report else (None, None)
-    result: dict[str, Any] = {
-        "input": str(src),
-        "output": str(out) if write else None,
-        "arch": plan.arch,
-        "variant": plan.variant,
-        "layout": plan.layout,
-        "key": ckpt.key,
-        "weight_keys": ckpt.weight_keys,
-        "ema_available": ckpt.ema_keys,
-        "stripped_prefixes": ckpt.stripped_prefixes,
-        "dtype": str(ckpt.dtype).replace("torch.", ""),
-        "resolution": h,
-        "params_before": before.params if before else None,
-        "params_after": after.params if after else None,
-        "flops_before": before.flops if before else None,
-        "flops_after": after.flops if after else None,
-        "bn_folded": fused.counts.get("bn_folded", 0),
-        "fused": dict(fused.counts),
-        "unfused": [{"module": m, "reason": r} for m, r in fused.unfused],
-        "notes": list(plan.notes),
-        "before": before.to_dict() if before else None,
-        "after": after.to_dict() if after else None,
-        "verify": result_verify.to_dict() if result_verify else None,
-        "repfuse_version": __version__,
-    }
-    conv = Conversion(ckpt, fuser, deploy_plan, fused, train, deploy, result_verify, result)
-    if result_verify is not None and not result_verify.passed:
-        result["output"] = None
-        result["seconds"] = round(time.perf_counter() - t0, 3)
-        where = f"; outputs first diverge at `{result_verify.diverges_at}`" if result_verify.diverges_at else ""
-        raise VerifyFailed(
-            f"{src}: verification failed: max abs diff {result_verify.max_abs_diff:.3g}, "
-            f"max rel diff {result_verify.max_rel_diff:.3g} (tolerance atol {result_verify.atol:g}, "
-            f"rtol {result_verify.rtol:g}){where}; no output written",
-            result=result,
-        )
-
-    if write:
-        on_step("save")
-        meta = {
+    def metadata() -> dict[str, str]:
+        return {
             "format": DEPLOY_FORMAT,
             "repfuse_version": __version__,
             "source": src.name,
             "source_sha256": sha256.result(),
             "source_key": ckpt.key or "",
-            "dtype": result["dtype"],
+            "dtype": dtype,
             **deploy_plan.to_metadata(),
         }
-        write_safetensors(fused.tensors, out, meta, force)
+
+    # The file is written to a hidden temp file while verification runs, and moved into place
+    # only if it passes (the disk's fsync wait overlaps the forward passes).
+    staged = StagedWrite(fused.tensors, out, metadata, force) if write else None
+    try:
+        c, h, w = plan.input_size
+        result_verify = None
+        if verify:
+            on_step("verify")
+            x = seeded_inputs(batch, (c, h, w), seed)
+            with releasing(train, ckpt.release):
+                result_verify = verify_models(
+                    train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol,
+                    exclude=fused.config.get("fused_modules", []),
+                    inputs_desc=f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}",
+                )
+
+        on_step("report")
+        before = model_stats(train, (1, c, h, w)) if report else None
+        after = model_stats(deploy, (1, c, h, w)) if report else None
+        result: dict[str, Any] = {
+            "input": str(src),
+            "output": str(out) if write else None,
+            "arch": plan.arch,
+            "variant": plan.variant,
+            "layout": plan.layout,
+            "key": ckpt.key,
+            "weight_keys": ckpt.weight_keys,
+            "ema_available": ckpt.ema_keys,
+            "stripped_prefixes": ckpt.stripped_prefixes,
+            "dtype": dtype,
+            "resolution": h,
+            "params_before": before.params if before else None,
+            "params_after": after.params if after else None,
+            "flops_before": before.flops if before else None,
+            "flops_after": after.flops if after else None,
+            "bn_folded": fused.counts.get("bn_folded", 0),
+            "fused": dict(fused.counts),
+            "unfused": [{"module": m, "reason": r} for m, r in fused.unfused],
+            "notes": list(plan.notes),
+            "before": before.to_dict() if before else None,
+            "after": after.to_dict() if after else None,
+            "verify": result_verify.to_dict() if result_verify else None,
+            "repfuse_version": __version__,
+        }
+        conv = Conversion(ckpt, fuser, deploy_plan, fused, train, deploy, result_verify, result)
+        if result_verify is not None and not result_verify.passed:
+            result["output"] = None
+            result["seconds"] = round(time.perf_counter() - t0, 3)
+            where = f"; outputs first diverge at `{result_verify.diverges_at}`" if result_verify.diverges_at else ""
+            raise VerifyFailed(
+                f"{src}: verification failed: max abs diff {result_verify.max_abs_diff:.3g}, "
+                f"max rel diff {result_verify.max_rel_diff:.3g} (tolerance atol {result_verify.atol:g}, "
+                f"rtol {result_verify.rtol:g}){where}; no output written",
+                result=result,
+            )
+
+        if staged is not None:
+            on_step("save")
+            staged.commit()
+    finally:
+        if staged is not None:
+            staged.discard()  # a no-op after the commit
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return conv
 

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 aten = torch.ops.aten
 NORM_OPS = {
@@ -63,6 +62,8 @@ class _OpCounter(TorchDispatchMode):
 
 def count_forward(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int | None, int | None, int | None]:
     """(flops, norm ops, elementwise ops) of one forward pass, on meta tensors."""
+    from torch.utils.flop_counter import FlopCounterMode  # 80 ms of imports (triton): only when counting
+
     state = {
         n: torch.empty_like(t, device="meta")
         for n, t in list(model.named_parameters()) + list(model.named_buffers())

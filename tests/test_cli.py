@@ -234,6 +234,7 @@ def test_verification_failure_exits_1_and_writes_nothing(toy, monkeypatch):
     res = json.loads(r.stdout)
     assert res["verify"]["passed"] is False and res["exit_code"] == 1 and res["output"] is None
     assert not toy.with_name("toy.deploy.safetensors").exists()
+    assert not list(toy.parent.glob(".*.tmp"))  # the file staged during verification is gone
 
 
 def run_cli(*args, env=None):

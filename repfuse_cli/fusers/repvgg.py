@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, KeyMismatch
 from ..fold import add_centered, add_identity, bn_scale_shift, fold_bn
-from ..fuser import Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
 
 # Global block indices (stage0 = 0) that the official g2/g4 variants make group-wise.
 GROUPWISE_LAYERS = tuple(range(2, 27, 2))
@@ -420,13 +420,16 @@ def match_variant(config: Mapping[str, Any]) -> str:
 
 
 def merge_block(
-    block: RepVGGBlock, name: str = "block", out_dtype: torch.dtype | None = None, block_rows: int = 256
+    block: RepVGGBlock, name: str = "block", out_dtype: torch.dtype | None = None, block_rows: int = 64
 ) -> tuple[Tensor, Tensor]:
     """The (kernel, bias) of the single 3x3 conv equal to ``block``'s three branches.
 
     Computed in float64 a block of output channels at a time and written in ``out_dtype``
     (float64 by default): every output channel depends only on its own rows of the three
-    branches, so no whole float64 kernel exists (236 MB for RepVGG-B3's last block).
+    branches, so no whole float64 kernel exists (236 MB for RepVGG-B3's last block). Small
+    blocks keep the float64 temporaries in cache and under glibc's mmap threshold (larger ones
+    are mapped and zero-filled anew on every allocation): 64 rows merged RepVGG-B3 2-4x faster
+    than 256 on the 2-core machine of bench/RESULTS.md.
     """
     dense, one, ident = block.branches()
     n = block._n
@@ -505,7 +508,7 @@ class RepVGGFuser(Fuser):
             model = RepVGG(plan.config, deploy=False, layout=plan.layout)
         return load_strict(model, state_dict, f"RepVGG training model ({plan.variant}, {plan.layout} layout)")
 
-    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
+    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None) -> Fused:
         if not isinstance(train, RepVGG):
             raise TypeError(f"RepVGGFuser.fuse needs the model from build_train, got {type(train).__name__}")
         dtype = float_dtype(state_dict)
@@ -521,6 +524,8 @@ class RepVGGFuser(Fuser):
             counts["branch_merges"] += 1
             if isinstance(getattr(block, n.se), SqueezeExcite):
                 unfused.append((f"{prefix}.{n.se}", "squeeze-excitation scales by its input: not linear, kept"))
+            if done is not None:
+                done([*block.parameters(), *block.buffers()])
         deploy_keys = list(self.build_deploy(plan).state_dict())
         for k in deploy_keys:  # SE and classifier pass through unchanged (own, contiguous copies)
             if k not in out:

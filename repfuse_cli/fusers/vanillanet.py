@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..checkpoint import float_dtype, load_strict
 from ..errors import AnnealingUnfinished, BadInput, KeyMismatch
 from ..fold import bn_scale_shift, fold_bn, merge_1x1
-from ..fuser import Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
@@ -334,16 +334,21 @@ def _bn(sd: Mapping[str, Tensor], prefix: str) -> tuple[Tensor, Tensor]:
 
 
 def fuse_tensors(
-    sd: Mapping[str, Tensor], depth: int, dtype: torch.dtype | None = None
+    sd: Mapping[str, Tensor], depth: int, dtype: torch.dtype | None = None, done: Done | None = None
 ) -> tuple[dict[str, Tensor], dict[str, int]]:
     """Deploy weights from a training state_dict, computed in float64 and cast once to ``dtype``.
 
     ``dtype`` defaults to the state_dict's floating dtype (a float64 state_dict gives the exact
-    float64 result). Returns (tensors, counts); never modifies ``sd``.
+    float64 result). ``done`` is called with the input tensors of each part (stem, block, head)
+    once that part's deploy tensors exist. Returns (tensors, counts); never modifies ``sd``.
     """
     dtype = dtype or float_dtype(sd)
     out: dict[str, Tensor] = {}
     bn_folded = chain_merges = 0
+
+    def finished(*prefixes: str) -> None:
+        if done is not None:
+            done([v for k, v in sd.items() if k.startswith(prefixes)])
 
     def put(name: str, wb: tuple[Tensor, Tensor]) -> None:
         # The one rounding step: float64 -> dtype, per tensor as soon as it is final, so that
@@ -367,6 +372,7 @@ def fuse_tensors(
     # stem: 4x4 conv + BN, then 1x1 conv + BN  ->  one 4x4 conv
     put("stem.0", merged("stem2", "stem1"))
     act("stem2.2", "stem.1")
+    finished("stem1.", "stem2.")
     bn_folded += 2
     chain_merges += 1
 
@@ -374,6 +380,7 @@ def fuse_tensors(
         p = f"stages.{i}"
         put(f"{p}.conv", merged(f"{p}.conv2", f"{p}.conv1"))
         act(f"{p}.act", f"{p}.act")
+        finished(f"{p}.")
         bn_folded += 2
         chain_merges += 1
 
@@ -381,6 +388,7 @@ def fuse_tensors(
     si, ti = _bn(sd, "cls1.3")
     put("cls.2", merge_1x1(sd["cls2.0.weight"], sd.get("cls2.0.bias"), sd["cls1.2.weight"], sd.get("cls1.2.bias"),
                            inner_scale=si, inner_shift=ti, out_dtype=dtype))
+    finished("cls1.", "cls2.")
     bn_folded += 1
     chain_merges += 1
 
@@ -605,9 +613,9 @@ class VanillaNetFuser(Fuser):
             model = VanillaNet(cfg)
         return load_strict(model, state_dict, f"{plan.variant} (training layout)")
 
-    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
+    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None) -> Fused:
         cfg = VanillaCfg.from_config(plan.config)
-        tensors, counts = fuse_tensors(state_dict, cfg.depth)
+        tensors, counts = fuse_tensors(state_dict, cfg.depth, done=done)
         return Fused(tensors=tensors, config=cfg.to_config(), counts=counts, unfused=[])
 
     def build_deploy(self, plan: Plan) -> nn.Module:
