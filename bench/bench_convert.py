@@ -18,12 +18,12 @@ Method (all ratios are taken within this one run):
     on meta (precomputed by the generator, so the floor imports nothing but torch and safetensors).
   - ``floor+gemm`` (VanillaNet only): the floor plus the 1x1-chain products every VanillaNet
     conversion must compute (``W2 @ W1`` per block, stem and head; float32, written as the output):
-    the least any converter can do on this CPU.
+    the least any converter can do on this CPU. ``floor+gemm64``: the same products in float64,
+    the arithmetic repfuse does for its correctly rounded weights (issue #3).
   - ``repfuse --no-verify`` and ``repfuse`` (default, with verification):
     ``.venv/bin/repfuse convert CKPT -o OUT --arch A --force --quiet [--no-verify]``.
   - ``what-if --no-verify``: the same CLI command in a process where bench/whatif.py patched the
-    fusion arithmetic to float32, skipped the FLOP report and made the finiteness check sum each
-    tensor in its own dtype first (what the suggested fixes would buy).
+    fusion arithmetic to float32 (what giving up correctly rounded weights would buy).
   The median of ``--reps`` repetitions is reported.
 * A breakdown run (in-process ``run_conversion`` with verification, one per model) records the
   wall time and VmRSS/VmHWM at every pipeline step and the time of the suspected hot spots.
@@ -81,8 +81,9 @@ def _tensors(obj, out: list) -> list:
     return out
 
 
-def child_floor(ckpt: str, out: str, gemm: bool) -> None:
-    """Read every tensor of ``ckpt``, write deploy-sized tensors to ``out`` (the I/O floor)."""
+def child_floor(ckpt: str, out: str, gemm: str | None) -> None:
+    """Read every tensor of ``ckpt``, write deploy-sized tensors to ``out`` (the I/O floor);
+    ``gemm`` ("float32"/"float64"): with VanillaNet's 1x1-chain products in that dtype."""
     import torch
     from safetensors.torch import save_file
 
@@ -92,20 +93,23 @@ def child_floor(ckpt: str, out: str, gemm: bool) -> None:
     touched = sum(float(t.sum()) for t in tensors)  # reads every byte
     shapes = json.loads(Path(ckpt + ".deploy_shapes.json").read_text())
     result = {}
-    if gemm:  # the VanillaNet 1x1-chain products (float32): the math every conversion must do
+    if gemm:  # the VanillaNet 1x1-chain products: the math every conversion must do
         sd = obj["model"]
+        dt = getattr(torch, gemm)
 
         def mat(k: str) -> torch.Tensor:
             w = sd[k]
-            return w.reshape(w.shape[0], -1)
+            return w.reshape(w.shape[0], -1).to(dt)
 
         stages = sorted({int(k.split(".")[1]) for k in sd if k.startswith("stages.")})
         for i in stages:
             result[f"stages.{i}.conv.weight"] = (
-                (mat(f"stages.{i}.conv2.0.weight") @ mat(f"stages.{i}.conv1.0.weight")).reshape(
+                (mat(f"stages.{i}.conv2.0.weight") @ mat(f"stages.{i}.conv1.0.weight")).float().reshape(
                     shapes[f"stages.{i}.conv.weight"]))
-        result["stem.0.weight"] = (mat("stem2.0.weight") @ mat("stem1.0.weight")).reshape(shapes["stem.0.weight"])
-        result["cls.2.weight"] = (mat("cls2.0.weight") @ mat("cls1.2.weight")).reshape(shapes["cls.2.weight"])
+        result["stem.0.weight"] = (mat("stem2.0.weight") @ mat("stem1.0.weight")).float().reshape(
+            shapes["stem.0.weight"])
+        result["cls.2.weight"] = (mat("cls2.0.weight") @ mat("cls1.2.weight")).float().reshape(
+            shapes["cls.2.weight"])
     for k, s in shapes.items():
         if k not in result:
             result[k] = torch.full(s, 0.5)
@@ -123,10 +127,10 @@ def _status() -> dict[str, int]:
 
 
 def child_whatif(argv: list[str]) -> None:
-    """`repfuse convert ...` with the what-if patches (float32 math, no FLOP report, sum-first finite check)."""
+    """`repfuse convert ...` with the what-if patches (float32 math, no FLOP report)."""
     import whatif
 
-    whatif.apply(fp32_math=True, no_stats=True, fast_finite=True)
+    whatif.apply(fp32_math=True, no_stats=True)
     from repfuse_cli.cli import main as cli_main
 
     sys.argv = ["repfuse", *argv]
@@ -145,7 +149,7 @@ def child_breakdown(ckpt: str, out: str, arch: str, verify: bool, json_out: str,
     if patched:
         import whatif
 
-        whatif.apply(fp32_math=True, no_stats=True, fast_finite=True)
+        whatif.apply(fp32_math=True, no_stats=True)
     timers: dict[str, float] = {}
 
     def timed(owner, attr: str, label: str) -> None:
@@ -168,12 +172,14 @@ def child_breakdown(ckpt: str, out: str, arch: str, verify: bool, json_out: str,
     timed(pipeline, "check_finite", "check_finite (reads the mmap'd file)")
     timed(pipeline, "model_stats", "model_stats (FLOP counting, 2 models)")
     timed(pipeline, "verify_models", "verify_models (2 forward passes)")
-    timed(pipeline, "write_safetensors", "write_safetensors (incl. fsync)")
+    timed(save, "write_safetensors_to", "writing the deploy file (a thread, during verification)")
+    timed(save.os, "fsync", "its fsync (waits on the disk)")
+    timed(save.StagedWrite, "commit", "save step: waiting for that write, then rename")
     timed(checkpoint.Checkpoint, "sha256", "sha256 of the source file")
     timed(vanillanet, "merge_1x1", "merge_1x1 (1x1-chain matrix products)")
     timed(vanillanet, "fold_bn", "fold_bn (VanillaNet weights)")
     timed(repvgg, "merge_block", "merge_block (RepVGG branch sums)")
-    del fold, save
+    del fold
 
     steps: list[dict] = [{"step": "start (after imports)", "t": 0.0, **_status()}]
     t0 = time.perf_counter()
@@ -245,7 +251,8 @@ def run(args: argparse.Namespace) -> dict:
             out = str(Path(tmp) / "out.safetensors")
             cmds = {"floor": [py, me, "_floor", str(ckpt), out]}
             if arch == "vanillanet":
-                cmds["floor+gemm"] = [py, me, "_floor", str(ckpt), out, "--gemm"]
+                cmds["floor+gemm"] = [py, me, "_floor", str(ckpt), out, "--gemm", "float32"]
+                cmds["floor+gemm64"] = [py, me, "_floor", str(ckpt), out, "--gemm", "float64"]
             base = [repfuse, "convert", str(ckpt), "-o", out, "--arch", arch, "--force", "--quiet"]
             cmds["repfuse --no-verify"] = [*base, "--no-verify"]
             cmds["repfuse (verify)"] = base
@@ -286,7 +293,7 @@ def run(args: argparse.Namespace) -> dict:
                         "rss_met": med[label]["rss_ratio"] <= RSS_TARGET,
                     }
                     for label in med
-                    if label.startswith(("repfuse", "what-if"))
+                    if label.startswith(("repfuse", "what-if", "floor+"))
                 },
             }
             if not args.no_breakdown:
@@ -311,7 +318,7 @@ def main() -> None:
         if mode == "_generate":
             child_generate(rest[0], rest[1:])
         elif mode == "_floor":
-            child_floor(rest[0], rest[1], gemm="--gemm" in rest)
+            child_floor(rest[0], rest[1], gemm=rest[rest.index("--gemm") + 1] if "--gemm" in rest else None)
         elif mode == "_breakdown":
             child_breakdown(rest[0], rest[1], rest[2], True, rest[3], patched="--whatif" in rest)
         elif mode == "_whatif":

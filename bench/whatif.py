@@ -7,11 +7,10 @@ They show what the suggested package changes would buy, measured in the same run
   no float64 copy of any weight). VanillaNet: ``W = (s2*W2) @ (s1*W1)`` in float32 GEMMs, biases
   from a float32 mat-vec. RepVGG: the 1x1 and identity branches are added in place into the
   centre tap of the folded 3x3 kernel (no padded 1x1 kernel, no identity kernel materialised).
-* ``no_stats``: the FLOP/params report skipped (``model_stats`` returns zeros).
-* ``fast_finite``: ``check_finite`` first tests ``isfinite(t.sum())`` in the tensor's own dtype (NaN and
-  inf propagate into a sum, so a finite sum proves every element finite; a non-finite sum, e.g. an
-  overflow, falls back to repfuse's own check). ``t.sum(dtype=float64)`` and ``isfinite(t)`` both
-  materialize a full-size temporary (~290 MB for a 6144x6144 float32 weight); ``t.sum()`` does not.
+* ``no_stats``: the FLOP/params report skipped (``model_stats`` returns zeros; the CLI's ``--quiet``
+  already skips it, so this matters only to the in-process breakdown).
+
+(An earlier ``fast_finite`` patch, a sum-first finiteness check, was adopted by repfuse itself.)
 
 Verification still runs when asked (it compares the training model with the patched deploy
 model), so the accuracy cost of float32 math is measured, not assumed.
@@ -76,19 +75,9 @@ def _merge_block_fp32(block, name: str = "block", **_kw):
     return kernel, bias
 
 
-def apply(fp32_math: bool = False, no_stats: bool = False, fast_finite: bool = False) -> None:
+def apply(fp32_math: bool = False, no_stats: bool = False) -> None:
     import repfuse_cli.pipeline as pipeline
     from repfuse_cli.fusers import repvgg, vanillanet
-
-    if fast_finite:
-        exact = pipeline.check_finite
-
-        def check_finite(sd, where):
-            for k, v in sd.items():
-                if v.is_floating_point() and v.numel() and not torch.isfinite(v.sum()):
-                    exact({k: v}, where)
-
-        pipeline.check_finite = check_finite
 
     if fp32_math:
         vanillanet.fold_bn = _fold_bn_fp32
