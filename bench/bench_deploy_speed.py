@@ -15,8 +15,9 @@ Method:
   with one timed run of each model (train, then deploy); reported: the medians over ``--rounds``
   and speedup = the median of the per-round train/deploy ratios (both runs of a round see the
   same machine load).
-* All models are measured at the first batch size first; larger batch sizes follow, cheapest model
-  first, while the ``--budget-s`` time budget lasts (skips are reported).
+* All models are measured at the first batch size first; larger batch sizes follow, the cheapest
+  (model, batch) pair first by its estimated time, while the ``--budget-s`` time budget lasts
+  (skips are reported).
 * Same weights, other construction (must not matter): the repfuse deploy models (in memory, and
   from the file) against an independently constructed deploy model (``build_vanillanet(cfg,
   deploy=True)`` / ``build_repvgg(config, deploy=True)`` on the CPU, then ``load_state_dict`` of the
@@ -231,21 +232,25 @@ def run(args: argparse.Namespace) -> dict:
             models[name] = prepare(name, tmp, device)
             row, same = measure_batch(name, models[name], first, args, args.rounds)
             res["models"][name] = {**models[name]["info"], "rows": [row], "same": [same]}
-        # phase 2: larger batches, cheapest model first, while the time budget lasts
-        order = sorted(args.models, key=lambda n: res["models"][n]["rows"][0]["train_ms"])
-        for b in later:
-            for name in order:
-                r0 = res["models"][name]["rows"][0]
-                per_round = (r0["train_ms"] + r0["deploy_ms"] * (7 if "transposed" in models[name] else 3)) / 1000
-                est = per_round * b / r0["batch"] * (args.rounds_large + 3 * args.warmup)
-                left = args.budget_s - (time.perf_counter() - t_start)
-                if est > left:
-                    res["skipped"].append(f"{name} batch {b} (estimated {est:.0f} s, {max(left, 0):.0f} s left "
-                                          f"of the {args.budget_s:.0f} s budget)")
-                    continue
-                row, same = measure_batch(name, models[name], b, args, args.rounds_large)
-                res["models"][name]["rows"].append(row)
-                res["models"][name]["same"].append(same)
+        # phase 2: larger batches, cheapest (model, batch) first by its estimated time, while the
+        # time budget lasts (so a cheap model's batch 64 is not crowded out by a costly batch 8)
+        def estimate(name: str, b: int) -> float:
+            r0 = res["models"][name]["rows"][0]
+            per_round = (r0["train_ms"] + r0["deploy_ms"] * (7 if "transposed" in models[name] else 3)) / 1000
+            return per_round * b / r0["batch"] * (args.rounds_large + 3 * args.warmup)
+
+        for est, name, b in sorted((estimate(n, b), n, b) for b in later for n in args.models):
+            left = args.budget_s - (time.perf_counter() - t_start)
+            if est > left:
+                res["skipped"].append(f"{name} batch {b} (estimated {est:.0f} s, {max(left, 0):.0f} s left "
+                                      f"of the {args.budget_s:.0f} s budget)")
+                continue
+            row, same = measure_batch(name, models[name], b, args, args.rounds_large)
+            res["models"][name]["rows"].append(row)
+            res["models"][name]["same"].append(same)
+        for e in res["models"].values():  # rows in batch order
+            e["rows"].sort(key=lambda r: r["batch"])
+            e["same"].sort(key=lambda r: r["batch"])
     finally:
         models.clear()
         gc.collect()

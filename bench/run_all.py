@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/RESULTS.md (raw figures in bench/results/*.json).
 
-    .venv/bin/python bench/run_all.py            # what `make bench` runs (~15 minutes on 2 cores)
+    .venv/bin/python bench/run_all.py            # what `make bench` runs (~11-17 minutes on 2 cores)
     .venv/bin/python bench/run_all.py --render   # re-render RESULTS.md from bench/results/*.json
 
 Each benchmark runs as its own process (bench_convert.py, bench_cli_start.py,
@@ -269,7 +269,8 @@ def _render_speed(sp: dict, what: str, heading: bool = True) -> list[str]:
           f"(what `repfuse bench CKPT` times), called once with {sp['warmup']} warm-up runs, then once per round with "
           f"one timed run of each ({sp['rounds']} rounds at the first batch size, {sp['rounds_large']} at larger "
           "ones): medians over rounds; speedup = median of the per-round train/deploy ratios. All models run at "
-          f"the first batch size before any larger one (time budget {sp['budget_s']:.0f} s).", ""]
+          "the first batch size before any larger one; larger ones follow cheapest first by estimated time "
+          f"while the time budget ({sp['budget_s']:.0f} s) lasts.", ""]
     rows = []
     for name, e in sp["models"].items():
         for r in e["rows"]:

@@ -384,13 +384,13 @@ def load_pair(
     """The training model of CHECKPOINT and a deploy model: read from DEPLOY (a repfuse file, or
     a plain deploy state_dict in the layout the fuser writes), or fused in memory when None."""
     ckpt = load_checkpoint(checkpoint, key=key, trust=trust)
-    check_finite(ckpt.state_dict, ckpt.path)
+    check_finite(ckpt.state_dict, ckpt.path, done=ckpt.release)
     fuser, plan = detect(ckpt, arch, options)
     plan = at_resolution(plan, resolution)
     train = fuser.build_train(plan, ckpt.state_dict)
     notes = list(plan.notes)
     if deploy_path is None:
-        fused = fuse(fuser, plan, ckpt.state_dict, train)
+        fused = fuse(fuser, plan, ckpt.state_dict, train, done=ckpt.release)
         deploy_plan, tensors, where = plan.with_config(fused.config), fused.tensors, f"{fuser.name} deploy model"
     else:
         deploy_path = where = Path(deploy_path)
@@ -487,10 +487,11 @@ def verify_files(
         c, h, w = plan.input_size
         x = seeded_inputs(batch, (c, h, w), seed)
         desc = f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}"
-    result_verify = verify_models(
-        train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol, device=device, labels=labels,
-        exclude=deploy_plan.config.get("fused_modules", []), inputs_desc=desc,
-    )
+    with releasing(train, ckpt.release):
+        result_verify = verify_models(
+            train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol, device=device, labels=labels,
+            exclude=deploy_plan.config.get("fused_modules", []), inputs_desc=desc,
+        )
     result = {
         "checkpoint": str(ckpt.path),
         "deploy": str(deploy_path),
