@@ -203,12 +203,18 @@ def run_conversion(
 
     dtype = str(ckpt.dtype).replace("torch.", "")
 
+    def source_sha256() -> str:
+        try:
+            return sha256.result()
+        except OSError as e:  # the checkpoint vanished or became unreadable while we worked
+            raise BadInput(f"{src}: cannot read the checkpoint again to hash it ({first_line(e)})") from None
+
     def metadata() -> dict[str, str]:
         return {
             "format": DEPLOY_FORMAT,
             "repfuse_version": __version__,
             "source": src.name,
-            "source_sha256": sha256.result(),
+            "source_sha256": source_sha256(),
             "source_key": ckpt.key or "",
             "dtype": dtype,
             **deploy_plan.to_metadata(),

@@ -120,8 +120,12 @@ class StagedWrite:
 
     def _write(self, fd: int, tensors: dict[str, Tensor], metadata) -> None:
         try:
+            meta = metadata() if callable(metadata) else metadata  # its own errors are not write errors
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
             with os.fdopen(fd, "wb") as f:
-                meta = metadata() if callable(metadata) else metadata
                 write_safetensors_to(f, tensors, {k: str(v) for k, v in meta.items()}, self._cancel)
                 f.flush()
                 os.fsync(f.fileno())

@@ -109,13 +109,25 @@ def test_staged_write_appears_only_when_committed(tmp_path):
     assert leftovers(tmp_path) == ["d.safetensors"]
 
 
-def test_staged_write_errors_leave_nothing(tmp_path):
-    def full_disk():
+def test_staged_write_errors_leave_nothing(tmp_path, monkeypatch):
+    import repfuse_cli.save as save
+
+    def full_disk(f, tensors, metadata, cancel=None):
+        f.write(b"partial")
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(save, "write_safetensors_to", full_disk)
     with pytest.raises(OutputError, match="No space left on device") as e:
-        StagedWrite({"w": torch.ones(3)}, tmp_path / "d.safetensors", full_disk, force=False).commit()
+        StagedWrite({"w": torch.ones(3)}, tmp_path / "d.safetensors", {}, force=False).commit()
+    monkeypatch.undo()
     assert e.value.exit_code == 2 and leftovers(tmp_path) == []
+
+    def unreadable_source():
+        raise ValueError("not a write error")
+
+    with pytest.raises(ValueError, match="not a write error"):
+        StagedWrite({"w": torch.ones(3)}, tmp_path / "d.safetensors", unreadable_source, force=False).commit()
+    assert leftovers(tmp_path) == []
 
     out = tmp_path / "late.safetensors"
     staged = StagedWrite({"w": torch.ones(3)}, out, {}, force=False)
