@@ -21,7 +21,9 @@ Method (all ratios are taken within this one run):
     the least any converter can do on this CPU. ``floor+gemm64``: the same products in float64,
     the arithmetic repfuse does for its correctly rounded weights (issue #3).
   - ``repfuse --no-verify`` and ``repfuse`` (default, with verification):
-    ``.venv/bin/repfuse convert CKPT -o OUT --arch A --force --quiet [--no-verify]``.
+    ``.venv/bin/repfuse convert CKPT -o OUT --arch A --force --quiet [--no-verify]``;
+    ``repfuse (verify, report)``: the same without ``--quiet``, i.e. the default command, which
+    also counts parameters/FLOPs for the report it prints (to a pipe here).
   - ``what-if --no-verify``: the same CLI command in a process where bench/whatif.py patched the
     fusion arithmetic to float32 (what giving up correctly rounded weights would buy).
   The median of ``--reps`` repetitions is reported.
@@ -256,6 +258,7 @@ def run(args: argparse.Namespace) -> dict:
             base = [repfuse, "convert", str(ckpt), "-o", out, "--arch", arch, "--force", "--quiet"]
             cmds["repfuse --no-verify"] = [*base, "--no-verify"]
             cmds["repfuse (verify)"] = base
+            cmds["repfuse (verify, report)"] = [a for a in base if a != "--quiet"]  # the default command
             if not args.no_whatif:
                 cmds["what-if --no-verify"] = [py, me, "_whatif", *base[1:], "--no-verify"]
             warm_s = warm(ckpt)

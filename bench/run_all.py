@@ -223,7 +223,9 @@ def _render_convert(conv: dict) -> list[str]:
           "in float64 (the arithmetic behind repfuse's correctly rounded weights).",
           "- `repfuse --no-verify` / `repfuse (verify)`: `.venv/bin/repfuse convert CKPT -o OUT --arch A --force "
           "--quiet [--no-verify]` (the official converters do not verify, so `--no-verify` is the apples-to-apples "
-          "row).",
+          "row). `repfuse (verify, report)`: the same without `--quiet`, the default command, which also counts "
+          "parameters and FLOPs for the report it prints (here to a pipe); its first FLOP count imports "
+          "`torch._dynamo` (about 1 s), which torch's meta-tensor kernels and FlopCounterMode pull in.",
           "- `what-if --no-verify`: the same command with `bench/whatif.py` patches (float32 fusion math).", ""]
     for name, e in conv["models"].items():
         L += [f"### {name} ({e['checkpoint_mb']} MB checkpoint -> {e['deploy_mb']} MB deploy file)", ""]

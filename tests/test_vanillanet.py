@@ -482,6 +482,9 @@ def test_foreign_state_dicts_are_not_this_arch():
 
 
 def test_broken_vanillanet_layouts_raise_key_mismatch():
+    headless = {k: v for k, v in _v5_meta().items() if not k.startswith(("cls1.", "cls2."))}
+    with pytest.raises(KeyMismatch, match=r"without cls1\.2\.weight, cls2\.0\.weight \(a backbone"):
+        FUSER.detect(ckpt_of(headless), Options())
     sd = _v5_meta()
     del sd["stages.1.conv2.0.weight"]
     with pytest.raises(KeyMismatch, match=r"stages\.1\.conv2\.0\.weight"):

@@ -488,10 +488,16 @@ class VanillaNetFuser(Fuser):
 
     def detect(self, ckpt: Checkpoint, options: Options) -> Plan:
         sd, where = ckpt.state_dict, str(ckpt.path)
-        if not all(k in sd for k in ("stem1.0.weight", "stem2.2.weight", "cls1.2.weight", "cls2.0.weight")):
+        missing = [k for k in ("stem1.0.weight", "stem2.2.weight", "cls1.2.weight", "cls2.0.weight") if k not in sd]
+        if missing:
             if all(k in sd for k in ("stem.0.weight", "stem.1.weight", "cls.2.weight")):
                 raise NotThisArch(
                     f"{where}: already a deploy-mode VanillaNet (keys stem.0, stages.i.conv, cls.2): nothing to fuse"
+                )
+            if "stem1.0.weight" in sd and "stem2.2.weight" in sd and "stages.0.conv1.0.weight" in sd:
+                raise KeyMismatch(  # unmistakably VanillaNet: say what is missing, don't try other fusers
+                    f"{where}: a VanillaNet training state_dict without {', '.join(missing)} (a backbone without "
+                    "the classifier head, or a truncated file?); repfuse converts the full classification model"
                 )
             raise NotThisArch(
                 f"{where}: not a VanillaNet training state_dict (no stem1.0/stem2.2/cls1.2/cls2.0 keys; "
