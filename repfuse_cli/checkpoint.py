@@ -81,8 +81,8 @@ class Checkpoint:
         A memory-mapped checkpoint counts in the process's resident memory once read; a pipeline
         that is done with a tensor releases it so the whole file is not resident at once. The
         tensors stay valid: a later read maps the pages from the file again. Only whole pages
-        inside this file's mappings are released, never other memory. Nothing here writes
-        to checkpoint tensors (a page written in a private mapping would be lost).
+        inside this file's own mappings that still show the file are released: never other
+        memory, and never a page that was written (torch byte-swaps a big-endian file in place).
         """
         if self.mapped:
             release_pages(tensors, self.mapped)
@@ -97,22 +97,27 @@ def file_sha256(path: Path) -> str:
 
 
 _MADV_DONTNEED = 4  # linux/mman.h
+_PM_FILE, _PM_SWAP = 1 << 61, 1 << 62  # /proc/self/pagemap entry bits; bit 63 (present) is the sign bit
 
 
-def file_mappings(path: Path) -> tuple[tuple[int, int], ...]:
-    """The (start, end) address ranges where this process maps ``path``; () where unknown."""
+def file_mappings(path: Path, tensors: Iterable[Tensor]) -> tuple[tuple[int, int], ...]:
+    """The (start, end) address ranges of this process's mappings of ``path`` that hold
+    ``tensors`` (only those: another, older mapping of the same file may be unmapped and its
+    addresses reused while ours lives); () where that cannot be told (not Linux, no /proc)."""
     try:
-        ino, real = path.stat().st_ino, str(path.resolve())
-        ranges = []
+        ino = str(path.stat().st_ino)
+        maps = []
         with open("/proc/self/maps") as f:
             for line in f:
-                fields = line.rstrip("\n").split(maxsplit=5)
-                if len(fields) == 6 and fields[4] == str(ino) and fields[5] == real:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[4] == ino:
                     start, end = (int(a, 16) for a in fields[0].split("-"))
-                    ranges.append((start, end))
-        return tuple(ranges)
-    except (OSError, ValueError):  # not Linux, or no /proc
+                    maps.append((start, end))
+    except (OSError, ValueError):
         return ()
+    ptrs = {t.untyped_storage().data_ptr() for t in tensors
+            if isinstance(t, Tensor) and t.device.type == "cpu" and t.numel()}
+    return tuple(m for m in maps if any(m[0] <= p < m[1] for p in ptrs))
 
 
 @functools.cache
@@ -125,12 +130,36 @@ def _madvise() -> Any:
     return f
 
 
+def _unwritten_runs(lo: int, hi: int, page: int) -> list[tuple[int, int]]:
+    """The runs of pages in [lo, hi) that still show the file: mapped from the page cache, or
+    not mapped at all. A page written in a private mapping is an anonymous copy (no file bit);
+    dropping it would bring back the file's bytes, so such pages are never in a run."""
+    n = (hi - lo) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(lo // page * 8)
+        raw = f.read(n * 8)
+    if len(raw) != n * 8:
+        return []
+    e = torch.frombuffer(bytearray(raw), dtype=torch.int64)
+    written = ((e & _PM_FILE) == 0) & ((e < 0) | ((e & _PM_SWAP) != 0))  # anonymous, and present or swapped
+    if not bool(written.any()):
+        return [(lo, hi)]
+    bad = written.nonzero().flatten().tolist()
+    runs, first = [], 0
+    for i in [*bad, n]:
+        if i > first:
+            runs.append((lo + first * page, lo + i * page))
+        first = i + 1
+    return runs
+
+
 def release_pages(tensors: Iterable[Tensor | None], ranges: tuple[tuple[int, int], ...]) -> int:
     """``madvise(MADV_DONTNEED)`` the whole pages of each tensor's storage that lie inside one
-    of ``ranges`` (file mappings, whose pages are re-read from the file when touched again).
-    Returns the bytes released; 0 where madvise is unavailable."""
+    of ``ranges`` (file mappings: such pages are read from the file again when touched) and
+    that were never written (see :func:`_unwritten_runs`). Returns the bytes released; 0 where
+    madvise or /proc/self/pagemap is unavailable."""
     madvise = _madvise()
-    if madvise is None:
+    if madvise is None or not ranges:
         return 0
     page = os.sysconf("SC_PAGE_SIZE")
     released = 0
@@ -140,8 +169,15 @@ def release_pages(tensors: Iterable[Tensor | None], ranges: tuple[tuple[int, int
         storage = t.untyped_storage()
         start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
         lo, hi = -(-start // page) * page, end // page * page
-        if hi > lo and any(a <= lo and hi <= b for a, b in ranges) and madvise(lo, hi - lo, _MADV_DONTNEED) == 0:
-            released += hi - lo
+        if hi <= lo or not any(a <= lo and hi <= b for a, b in ranges):
+            continue
+        try:
+            runs = _unwritten_runs(lo, hi, page)
+        except OSError:
+            return released
+        for a, b in runs:
+            if madvise(a, b - a, _MADV_DONTNEED) == 0:
+                released += b - a
     return released
 
 
@@ -314,7 +350,7 @@ def load_checkpoint(path: str | os.PathLike, key: str | None = None, trust: bool
         k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")
     }
     entries = {} if chosen is None and _is_weights(obj) else {str(k): _describe(v) for k, v in obj.items()}
-    mapped = file_mappings(path) if fmt == "torch" else ()
+    mapped = file_mappings(path, sd.values()) if fmt == "torch" else ()
     return Checkpoint(path, fmt, sd, chosen, weight_keys, extras, dict(meta), stripped, entries, mapped)
 
 

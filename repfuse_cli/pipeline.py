@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, load_strict
-from .errors import BadInput, RepfuseError, UnknownArch, VerifyFailed, first_line
+from .errors import BadInput, KeyMismatch, RepfuseError, UnknownArch, VerifyFailed, first_line
 from .fold import standard_layout
 from .fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
 from .registry import all_fusers, get_fuser
@@ -90,7 +90,8 @@ def fuse(
 @contextmanager
 def releasing(model: nn.Module, done: Done) -> Iterator[None]:
     """While inside, each module of ``model`` hands its own weights to ``done`` once it has run
-    (a training model on a memory-mapped checkpoint then never has all its pages resident)."""
+    (so a training model on a memory-mapped checkpoint, run on the CPU in its own dtype, never has
+    all its pages resident; a forward in another dtype or on a GPU copies every weight first)."""
     own = {m: [*m.parameters(recurse=False), *m.buffers(recurse=False)] for m in model.modules()}
     handles = [m.register_forward_hook(lambda mod, args, out: done(own[mod])) for m, t in own.items() if t]
     try:
@@ -222,8 +223,10 @@ def run_conversion(
 
     # The file is written to a hidden temp file while verification runs, and moved into place
     # only if it passes (the disk's fsync wait overlaps the forward passes).
-    staged = StagedWrite(fused.tensors, out, metadata, force) if write else None
+    staged = None
     try:
+        if write:
+            staged = StagedWrite(fused.tensors, out, metadata, force)
         c, h, w = plan.input_size
         result_verify = None
         if verify:
@@ -557,7 +560,7 @@ def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto"
     except AnnealingUnfinished as e:
         warnings.append(str(e))
         fuser, plan = detect(ckpt, arch, dataclasses.replace(options, assume_annealed=True))
-    except UnknownArch as e:
+    except (UnknownArch, KeyMismatch) as e:  # describing a file never fails on what it lacks
         result.update(mode="unknown", arch=None, variant=None, params=None, would_fuse=None)
         warnings.append(str(e))
         return result

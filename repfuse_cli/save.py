@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -54,8 +55,9 @@ def check_output(out: Path, src: Path, force: bool) -> None:
 # safetensors' dtype names (https://huggingface.co/docs/safetensors: the format)
 ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
+    torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -75,6 +77,8 @@ def write_safetensors_to(
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for k, v in tensors.items():
+        if k == "__metadata__":
+            raise OutputError("a tensor may not be named `__metadata__` in a safetensors file")
         if v.dtype not in ST_DTYPES or v.device.type != "cpu" or not v.is_contiguous():
             raise OutputError(f"`{k}`: cannot write a {v.dtype} tensor on {v.device} (contiguous: {v.is_contiguous()})")
         n = v.numel() * v.element_size()
@@ -87,8 +91,8 @@ def write_safetensors_to(
     for v in tensors.values():
         if cancel is not None and cancel.is_set():
             raise OutputError("write cancelled")
-        if v.numel():
-            f.write(v.detach().reshape(-1).view(torch.uint8).numpy())  # a view: no copy
+        if v.numel():  # the tensor's own bytes, without a copy
+            f.write((ctypes.c_char * (v.numel() * v.element_size())).from_address(v.data_ptr()))
 
 
 class StagedWrite:
@@ -110,51 +114,81 @@ class StagedWrite:
     ):
         self.out, self.force = out, force
         self._cancel = threading.Event()
-        self._done = False
-        parent = out.parent if str(out.parent) else Path(".")
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+        self._state = "writing"  # then "committed" or "discarded"
         clean = {k: v.detach().contiguous() for k, v in tensors.items()}  # tied weights: written twice
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="repfuse-write")
-        self._future = self._pool.submit(self._write, fd, clean, metadata)
-        self._pool.shutdown(wait=False)
-
-    def _write(self, fd: int, tensors: dict[str, Tensor], metadata) -> None:
+        parent = out.parent if str(out.parent) else Path(".")
         try:
-            meta = metadata() if callable(metadata) else metadata  # its own errors are not write errors
+            fd, self.tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise OutputError(f"{out}: cannot create a file in {parent} ({first_line(e)}); nothing written") from None
+        try:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="repfuse-write")
+            self._future = pool.submit(self._write, fd, clean, metadata)  # the thread owns fd from here
+            pool.shutdown(wait=False)
         except BaseException:
             os.close(fd)
+            Path(self.tmp).unlink(missing_ok=True)
             raise
-        try:
-            with os.fdopen(fd, "wb") as f:
+
+    def _write(self, fd: int, tensors: dict[str, Tensor], metadata) -> None:
+        with os.fdopen(fd, "wb") as f:
+            meta = metadata() if callable(metadata) else metadata  # its own errors are not write errors
+            if self._cancel.is_set():
+                return
+            try:
                 write_safetensors_to(f, tensors, {k: str(v) for k, v in meta.items()}, self._cancel)
                 f.flush()
                 os.fsync(f.fileno())
-            os.chmod(self.tmp, 0o644)
-        except OSError as e:
-            raise OutputError(f"{self.out}: cannot write the deploy file ({first_line(e)}); nothing written") from None
+                if hasattr(os, "fchmod"):  # mkstemp made it 0600
+                    os.fchmod(f.fileno(), 0o644)
+            except OSError as e:
+                raise OutputError(f"{self.out}: cannot write the deploy file ({first_line(e)}); "
+                                  "nothing written") from None
 
     def commit(self) -> None:
         """Wait for the write, then move the file to ``out`` (OutputError if that went wrong)."""
+        if self._state != "writing":
+            raise RuntimeError(f"StagedWrite.commit after it was {self._state}")
         try:
             self._future.result()
-            if self.out.exists() and (not self.force or not self.out.is_file()):
-                raise OutputError(f"{self.out}: output appeared while converting; nothing written")
-            os.replace(self.tmp, self.out)
-            self._done = True
+            self._place()
+            self._state = "committed"
         finally:
-            self.discard()
+            self.discard()  # a no-op once committed
+
+    def _place(self) -> None:
+        appeared = OutputError(f"{self.out}: output appeared while converting; nothing written")
+        try:
+            if self.force:
+                if self.out.exists() and not self.out.is_file():
+                    raise appeared
+                os.replace(self.tmp, self.out)
+                return
+            try:
+                os.link(self.tmp, self.out)  # refuses, atomically, if something appeared at `out`
+            except FileExistsError:
+                raise appeared from None
+            except OSError:  # no hard links on this file system: check, then rename
+                if self.out.exists():
+                    raise appeared from None
+                os.replace(self.tmp, self.out)
+                return
+            Path(self.tmp).unlink(missing_ok=True)
+        except OSError as e:
+            raise OutputError(f"{self.out}: cannot move the deploy file into place ({first_line(e)}); "
+                              "nothing written") from None
 
     def discard(self) -> None:
         """Stop the write (if still running) and remove the temp file; a no-op after commit."""
-        if self._done:
+        if self._state != "writing":
             return
+        self._state = "discarded"
+        Path(self.tmp).unlink(missing_ok=True)  # first, so that nothing is left if we are killed while waiting
         self._cancel.set()
         try:
             self._future.result()
         except BaseException:  # the write is abandoned: its error no longer matters
             pass
-        Path(self.tmp).unlink(missing_ok=True)
-        self._done = True
 
     def __enter__(self) -> StagedWrite:
         return self

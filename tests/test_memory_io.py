@@ -24,12 +24,24 @@ from repfuse_cli.save import StagedWrite, write_safetensors, write_safetensors_t
 LINUX = os.path.exists("/proc/self/maps")
 
 
-def rss_file_mb() -> float:
-    """Resident file-backed memory of this process (mapped files), MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no RssFile in /proc/self/status")
+def resident_mb(ranges) -> float:
+    """Resident memory of this process inside the mappings ``ranges`` (from /proc/self/smaps), MB."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0]
+        if "-" in head and ":" not in head:  # a mapping's header line: start-end perms ...
+            start, end = (int(a, 16) for a in head.split("-"))
+            inside = any(a <= start and end <= b for a, b in ranges)
+        elif inside and head == "Rss:":
+            total += int(line.split()[1])
+    return total / 1024
+
+
+def mapped(path: Path):
+    ckpt = load_checkpoint(path)
+    if not ckpt.mapped:  # e.g. overlayfs on older kernels shows another inode: no release there
+        pytest.skip("this file system does not show the checkpoint's mapping in /proc/self/maps")
+    return ckpt
 
 
 def tensors_of_every_dtype() -> dict[str, torch.Tensor]:
@@ -137,6 +149,34 @@ def test_staged_write_errors_leave_nothing(tmp_path, monkeypatch):
     assert out.read_text() == "someone else's" and leftovers(tmp_path) == ["late.safetensors"]
 
 
+def test_discard_while_writing_and_commit_misuse(tmp_path, monkeypatch):
+    import threading
+
+    gate = threading.Event()
+
+    def slow_metadata():  # e.g. the source's hash, still being computed
+        gate.wait(10)
+        return {"k": "v"}
+
+    out = tmp_path / "d.safetensors"
+    staged = StagedWrite({"w": torch.ones(3)}, out, slow_metadata, force=False)
+    assert len(leftovers(tmp_path)) == 1  # the hidden temp file
+    threading.Timer(0.2, gate.set).start()
+    staged.discard()  # removes the temp file at once, then waits for the writer
+    assert leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError, match="discarded"):
+        staged.commit()
+    assert leftovers(tmp_path) == []
+
+    def no_rename(*a):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(OutputError, match="cannot move the deploy file into place .*Permission denied"):
+        StagedWrite({"w": torch.ones(3)}, out, {}, force=True).commit()
+    assert leftovers(tmp_path) == []
+
+
 # --------------------------------------------------------------------------- releasing checkpoint pages
 
 
@@ -145,21 +185,34 @@ def test_released_checkpoint_pages_leave_memory_and_come_back_intact(tmp_path):
     g = torch.Generator().manual_seed(1)
     sd = {f"w{i}": torch.randn(1024, 1024, generator=g) for i in range(16)}  # 64 MB
     torch.save({"model": sd}, tmp_path / "big.pth")
-    ckpt = load_checkpoint(tmp_path / "big.pth")
-    assert ckpt.mapped, "a zip checkpoint is memory-mapped"
-    before = rss_file_mb()
+    ckpt = mapped(tmp_path / "big.pth")
     check_finite(ckpt.state_dict, "big.pth")  # reads every page
-    touched = rss_file_mb()
-    assert touched - before > 55
+    assert resident_mb(ckpt.mapped) > 60
     ckpt.release(ckpt.state_dict.values())
-    assert touched - rss_file_mb() > 55
+    assert resident_mb(ckpt.mapped) < 2
     assert all(torch.equal(ckpt.state_dict[k], v) for k, v in sd.items())  # read again from the file
+    assert resident_mb(ckpt.mapped) > 60
+
+
+@pytest.mark.skipif(not LINUX, reason="page release uses /proc/self/maps and madvise (Linux)")
+def test_pages_written_in_the_mapping_are_never_released(tmp_path):
+    torch.save({"a": torch.zeros(512, 1024), "b": torch.zeros(512, 1024)}, tmp_path / "w.pth")
+    ckpt = mapped(tmp_path / "w.pth")
+    a, b = ckpt.state_dict["a"], ckpt.state_dict["b"]
+    a.add_(1)  # every page of `a` becomes a private copy (as torch's in-place byte swap would)
+    b.view(-1)[:: 4096 // 4 * 4].add_(1)  # every 4th page of `b`
+    released = release_pages([a, b], ckpt.mapped)
+    assert torch.equal(a, torch.ones(512, 1024))  # not reverted to the file's zeros
+    assert b.sum().item() == b.numel() // 4096
+    assert 0.7 * b.numel() * 3 < released <= b.numel() * 3  # 3/4 of b's pages (4 bytes each), none of a's
 
 
 @pytest.mark.skipif(not LINUX, reason="page release uses /proc/self/maps and madvise (Linux)")
 def test_release_never_touches_memory_outside_the_file(tmp_path):
     torch.save({"w": torch.randn(256, 1024)}, tmp_path / "c.pth")
-    ckpt = load_checkpoint(tmp_path / "c.pth")
+    ckpt = mapped(tmp_path / "c.pth")
+    stale = load_checkpoint(tmp_path / "c.pth")  # a second mapping of the same file is not ours
+    assert stale.mapped and not set(stale.mapped) & set(ckpt.mapped)
     own = torch.randn(512, 1024)  # anonymous memory: MADV_DONTNEED would zero it
     copy = ckpt.state_dict["w"].clone()
     expected = own.clone(), copy.clone()

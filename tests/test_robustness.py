@@ -155,7 +155,10 @@ def test_sigterm_leaves_no_partial_file(tmp_path):
     torch.save({"arch": "resnet18", "state_dict": model.state_dict()}, tmp_path / "r.pth")
     proc = subprocess.Popen([sys.executable, "-m", "repfuse_cli", "convert", str(tmp_path / "r.pth"),
                              "--batch", "64", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the deploy file is staged while the (batch 64) verification runs
+    assert list(tmp_path.glob(".*.tmp")), "the conversion never staged its output"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
