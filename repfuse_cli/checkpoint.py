@@ -84,8 +84,7 @@ class Checkpoint:
         inside this file's own mappings that still show the file are released: never other
         memory, and never a page that was written (torch byte-swaps a big-endian file in place).
         """
-        if self.mapped:
-            release_pages(tensors, self.mapped)
+        release_pages(tensors, self.mapped)
 
 
 def file_sha256(path: Path) -> str:
@@ -142,11 +141,8 @@ def _unwritten_runs(lo: int, hi: int, page: int) -> list[tuple[int, int]]:
         return []
     e = torch.frombuffer(bytearray(raw), dtype=torch.int64)
     written = ((e & _PM_FILE) == 0) & ((e < 0) | ((e & _PM_SWAP) != 0))  # anonymous, and present or swapped
-    if not bool(written.any()):
-        return [(lo, hi)]
-    bad = written.nonzero().flatten().tolist()
     runs, first = [], 0
-    for i in [*bad, n]:
+    for i in [*written.nonzero().flatten().tolist(), n]:
         if i > first:
             runs.append((lo + first * page, lo + i * page))
         first = i + 1

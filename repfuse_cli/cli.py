@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -130,6 +130,14 @@ def _progress(enabled: bool, steps: int = 7):
     return progress, on_step
 
 
+def _one_step(step: str, progress: bool, call: Callable[[], Any]) -> Any:
+    """``call()`` under a one-step progress bar (when ``progress`` and stderr is a terminal)."""
+    ctx, on_step = _progress(progress, steps=1)
+    with ctx:
+        on_step(step)
+        return call()
+
+
 @app.command()
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pth, .pt, .pth.tar, .bin, .safetensors).")],
@@ -198,14 +206,11 @@ def verify(
         from .pipeline import verify_files
         from .report import verify_report
 
-        ctx, on_step = _progress(not (quiet or json_out), steps=1)
-        with ctx:
-            on_step("verify")
-            result = verify_files(
-                checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint, inputs=inputs, batch=batch,
-                options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
-                resolution=resolution, seed=seed, atol=atol, rtol=rtol, device=device,
-            )
+        result = _one_step("verify", not (quiet or json_out), lambda: verify_files(
+            checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint, inputs=inputs, batch=batch,
+            options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
+            resolution=resolution, seed=seed, atol=atol, rtol=rtol, device=device,
+        ))
         _show(result, json_out, quiet, verify_report)
 
 
@@ -253,14 +258,11 @@ def bench(
         from .pipeline import bench_file
         from .report import bench_table
 
-        ctx, on_step = _progress(not (quiet or json_out), steps=1)
-        with ctx:
-            on_step("bench")
-            result = bench_file(
-                checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint,
-                options=Options(model=model, assume_annealed=assume_annealed), batches=tuple(batch or [1]),
-                resolution=resolution, device=device, compile=compile, warmup=warmup, repeats=repeats,
-            )
+        result = _one_step("bench", not (quiet or json_out), lambda: bench_file(
+            checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint,
+            options=Options(model=model, assume_annealed=assume_annealed), batches=tuple(batch or [1]),
+            resolution=resolution, device=device, compile=compile, warmup=warmup, repeats=repeats,
+        ))
         _show(result, json_out, quiet, bench_table)
 
 

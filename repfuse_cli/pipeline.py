@@ -75,6 +75,20 @@ def at_resolution(plan: Plan, resolution: int | None) -> Plan:
     return dataclasses.replace(plan, input_size=(plan.input_size[0], resolution, resolution))
 
 
+def prepare(
+    ckpt: Checkpoint, arch: str, options: Options | None, resolution: int | None, on_step: Step = _noop
+) -> tuple[Fuser, Plan, nn.Module]:
+    """check -> detect -> build: the fuser, its plan (at ``resolution``) and the training model."""
+    # A memory-mapped checkpoint's pages are let go as soon as each step is done with them
+    # (Checkpoint.release), so the file is not resident all at once next to the deploy tensors.
+    check_finite(ckpt.state_dict, ckpt.path, done=ckpt.release)
+    on_step("detect")
+    fuser, plan = detect(ckpt, arch, options)
+    plan = at_resolution(plan, resolution)
+    on_step("build")
+    return fuser, plan, fuser.build_train(plan, ckpt.state_dict)
+
+
 def fuse(
     fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None
 ) -> Fused:
@@ -186,16 +200,7 @@ def run_conversion(
         hasher = ThreadPoolExecutor(1)
         sha256 = hasher.submit(ckpt.sha256)
         hasher.shutdown(wait=False)  # the running hash finishes; the pool takes no more work
-    # A memory-mapped checkpoint's pages are let go as soon as each step is done with them
-    # (Checkpoint.release), so the file is not resident all at once next to the deploy tensors.
-    check_finite(ckpt.state_dict, src, done=ckpt.release)
-
-    on_step("detect")
-    fuser, plan = detect(ckpt, arch, options)
-    plan = at_resolution(plan, resolution)
-
-    on_step("build")
-    train = fuser.build_train(plan, ckpt.state_dict)
+    fuser, plan, train = prepare(ckpt, arch, options, resolution, on_step)
 
     on_step("fuse")
     fused = fuse(fuser, plan, ckpt.state_dict, train, done=ckpt.release)
@@ -393,10 +398,7 @@ def load_pair(
     """The training model of CHECKPOINT and a deploy model: read from DEPLOY (a repfuse file, or
     a plain deploy state_dict in the layout the fuser writes), or fused in memory when None."""
     ckpt = load_checkpoint(checkpoint, key=key, trust=trust)
-    check_finite(ckpt.state_dict, ckpt.path, done=ckpt.release)
-    fuser, plan = detect(ckpt, arch, options)
-    plan = at_resolution(plan, resolution)
-    train = fuser.build_train(plan, ckpt.state_dict)
+    fuser, plan, train = prepare(ckpt, arch, options, resolution)
     notes = list(plan.notes)
     if deploy_path is None:
         fused = fuse(fuser, plan, ckpt.state_dict, train, done=ckpt.release)

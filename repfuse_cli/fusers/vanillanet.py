@@ -198,6 +198,14 @@ class DeployBlock(nn.Module):
         return self.act(self.pool(self.conv(x)))
 
 
+def _stages(cfg: VanillaCfg, block: type[nn.Module]) -> nn.ModuleList:
+    """The blocks of either mode: dims[i] -> dims[i+1] at strides[i], with ada_pool[i] if any."""
+    ada = cfg.ada_pool or (0,) * cfg.depth
+    return nn.ModuleList(
+        block(cfg.dims[i], cfg.dims[i + 1], cfg.strides[i], ada[i], cfg.act_num) for i in range(cfg.depth)
+    )
+
+
 class VanillaNet(nn.Module):
     """Training-mode VanillaNet (keys ``stem1``, ``stem2``, ``stages.i.conv1|conv2|act``, ``cls1``, ``cls2``).
 
@@ -215,10 +223,7 @@ class VanillaNet(nn.Module):
         self.stem2 = nn.Sequential(
             nn.Conv2d(d0, d0, 1), nn.BatchNorm2d(d0, eps=EPS), SeriesAct(d0, cfg.act_num, deploy=False)
         )
-        ada = cfg.ada_pool or (0,) * cfg.depth
-        self.stages = nn.ModuleList(
-            TrainBlock(cfg.dims[i], cfg.dims[i + 1], cfg.strides[i], ada[i], cfg.act_num) for i in range(cfg.depth)
-        )
+        self.stages = _stages(cfg, TrainBlock)
         self.cls1 = nn.Sequential(
             nn.AdaptiveAvgPool2d((1, 1)),
             nn.Dropout(cfg.drop_rate),
@@ -252,10 +257,7 @@ class VanillaNetDeploy(nn.Module):
             nn.Conv2d(cfg.in_chans, cfg.dims[0], 4, stride=stride, padding=padding),
             SeriesAct(cfg.dims[0], cfg.act_num, deploy=True),
         )
-        ada = cfg.ada_pool or (0,) * cfg.depth
-        self.stages = nn.ModuleList(
-            DeployBlock(cfg.dims[i], cfg.dims[i + 1], cfg.strides[i], ada[i], cfg.act_num) for i in range(cfg.depth)
-        )
+        self.stages = _stages(cfg, DeployBlock)
         self.cls = nn.Sequential(
             nn.AdaptiveAvgPool2d((1, 1)),
             nn.Dropout(cfg.drop_rate),
