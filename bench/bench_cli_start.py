@@ -70,8 +70,15 @@ def run(runs: int) -> dict:
         k: {"ratio": rows[k]["ratio_vs_import_torch"], "met": rows[k]["ratio_vs_import_torch"] <= TARGET}
         for k in ("repfuse --help", "repfuse archs")
     }
-    return {"runs": runs, "rows": rows, "targets": targets, "target": TARGET,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpu": meter.read()}
+    return {
+        "runs": runs,
+        "rows": rows,
+        "targets": targets,
+        "target": TARGET,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpu": meter.read(),
+    }
 
 
 def main() -> None:
@@ -82,8 +89,10 @@ def main() -> None:
     res = run(args.runs)
     common.dump_json(res, args.json)
     for k, r in res["rows"].items():
-        print(f"{k:28s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  {r['rss_mb']:6.0f} MB  "
-              f"ratio {r['ratio_vs_import_torch']:.3f}")
+        print(
+            f"{k:28s} median {r['median_s']:.3f} s  min {r['min_s']:.3f} s  {r['rss_mb']:6.0f} MB  "
+            f"ratio {r['ratio_vs_import_torch']:.3f}"
+        )
     for k, t in res["targets"].items():
         print(f"{k}: {t['ratio']:.3f} <= {TARGET}: {'met' if t['met'] else 'NOT met'}")
 

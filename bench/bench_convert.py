@@ -106,12 +106,14 @@ def child_floor(ckpt: str, out: str, gemm: str | None) -> None:
         stages = sorted({int(k.split(".")[1]) for k in sd if k.startswith("stages.")})
         for i in stages:
             result[f"stages.{i}.conv.weight"] = (
-                (mat(f"stages.{i}.conv2.0.weight") @ mat(f"stages.{i}.conv1.0.weight")).float().reshape(
-                    shapes[f"stages.{i}.conv.weight"]))
-        result["stem.0.weight"] = (mat("stem2.0.weight") @ mat("stem1.0.weight")).float().reshape(
-            shapes["stem.0.weight"])
-        result["cls.2.weight"] = (mat("cls2.0.weight") @ mat("cls1.2.weight")).float().reshape(
-            shapes["cls.2.weight"])
+                (mat(f"stages.{i}.conv2.0.weight") @ mat(f"stages.{i}.conv1.0.weight"))
+                .float()
+                .reshape(shapes[f"stages.{i}.conv.weight"])
+            )
+        result["stem.0.weight"] = (
+            (mat("stem2.0.weight") @ mat("stem1.0.weight")).float().reshape(shapes["stem.0.weight"])
+        )
+        result["cls.2.weight"] = (mat("cls2.0.weight") @ mat("cls1.2.weight")).float().reshape(shapes["cls.2.weight"])
     for k, s in shapes.items():
         if k not in result:
             result[k] = torch.full(s, 0.5)
@@ -267,8 +269,10 @@ def run(args: argparse.Namespace) -> dict:
                 for label, cmd in cmds.items():
                     r = measure(cmd)
                     runs[label].append(r)
-                    print(f"  {name:20s} rep {rep + 1}  {label:20s} {r['wall_s']:7.2f} s  {r['rss_mb']:7.0f} MB",
-                          flush=True)
+                    print(
+                        f"  {name:20s} rep {rep + 1}  {label:20s} {r['wall_s']:7.2f} s  {r['rss_mb']:7.0f} MB",
+                        flush=True,
+                    )
             med = {
                 k: {
                     "wall_s": round(statistics.median(r["wall_s"] for r in v), 3),
@@ -341,8 +345,10 @@ def main() -> None:
     for name, e in res["models"].items():
         print(f"{name}: checkpoint {e['checkpoint_mb']} MB -> deploy {e['deploy_mb']} MB")
         for label, m in e["median"].items():
-            print(f"  {label:20s} {m['wall_s']:7.2f} s ({m['wall_ratio']:.2f}x)  {m['rss_mb']:7.0f} MB "
-                  f"({m['rss_ratio']:.2f}x)")
+            print(
+                f"  {label:20s} {m['wall_s']:7.2f} s ({m['wall_ratio']:.2f}x)  {m['rss_mb']:7.0f} MB "
+                f"({m['rss_ratio']:.2f}x)"
+            )
 
 
 if __name__ == "__main__":

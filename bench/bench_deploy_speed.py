@@ -95,10 +95,15 @@ def interleaved(a: nn.Module, b: nn.Module, x: torch.Tensor, device: str, warmup
     ma, mb = statistics.median(ta), statistics.median(tb)
     ratios = [p / q for p, q in zip(ta, tb, strict=True)]
     lo, hi = median_ci(ratios)
-    return {"a_ms": round(ma, 3), "b_ms": round(mb, 3),
-            "ratio": round(statistics.median(ratios), 4), "ratio_ci95": [round(lo, 4), round(hi, 4)],
-            "ratio_of_medians": round(ma / mb, 4), "ratio_of_mins": round(min(ta) / min(tb), 4),
-            "max_rel_diff": diff}
+    return {
+        "a_ms": round(ma, 3),
+        "b_ms": round(mb, 3),
+        "ratio": round(statistics.median(ratios), 4),
+        "ratio_ci95": [round(lo, 4), round(hi, 4)],
+        "ratio_of_medians": round(ma / mb, 4),
+        "ratio_of_mins": round(min(ta) / min(tb), 4),
+        "max_rel_diff": diff,
+    }
 
 
 def independent_deploy(name: str, plan_config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -138,8 +143,9 @@ def restride_1x1(model: nn.Module, layout: str) -> list[str]:
     return names
 
 
-def train_vs_deploy(train: nn.Module, deploy: nn.Module, size: tuple[int, int, int], b: int, device: str,
-                    warmup: int, rounds: int) -> dict:
+def train_vs_deploy(
+    train: nn.Module, deploy: nn.Module, size: tuple[int, int, int], b: int, device: str, warmup: int, rounds: int
+) -> dict:
     """``bench_models`` once with warm-up, then once per round with one timed run each (train, then
     deploy: interleaved per run); the medians over rounds, and the median of the per-round ratios."""
     bench_models(train, deploy, size, batches=(b,), device=device, warmup=warmup, repeats=1)
@@ -149,10 +155,16 @@ def train_vs_deploy(train: nn.Module, deploy: nn.Module, size: tuple[int, int, i
         t_ms.append(row.train_ms)
         d_ms.append(row.deploy_ms)
     mt, md = statistics.median(t_ms), statistics.median(d_ms)
-    return {"batch": b, "train_ms": round(mt, 3), "deploy_ms": round(md, 3),
-            "speedup": round(statistics.median(t / d for t, d in zip(t_ms, d_ms, strict=True)), 3),
-            "speedup_of_medians": round(mt / md, 3),
-            "train_min_ms": round(min(t_ms), 3), "deploy_min_ms": round(min(d_ms), 3), "rounds": rounds}
+    return {
+        "batch": b,
+        "train_ms": round(mt, 3),
+        "deploy_ms": round(md, 3),
+        "speedup": round(statistics.median(t / d for t, d in zip(t_ms, d_ms, strict=True)), 3),
+        "speedup_of_medians": round(mt / md, 3),
+        "train_min_ms": round(min(t_ms), 3),
+        "deploy_min_ms": round(min(d_ms), 3),
+        "rounds": rounds,
+    }
 
 
 def prepare(name: str, tmp: str, device: str) -> dict:
@@ -167,8 +179,13 @@ def prepare(name: str, tmp: str, device: str) -> dict:
     out.unlink()
     ckpt.unlink()  # the training model keeps its (mmap'ed) tensors alive
     state = {k: v.detach().clone() for k, v in conv.deploy.state_dict().items()}
-    m = {"train": conv.train, "memory": conv.deploy, "file": deploy_file,
-         "indep": independent_deploy(name, conv.plan.config, state), "size": conv.plan.input_size}
+    m = {
+        "train": conv.train,
+        "memory": conv.deploy,
+        "file": deploy_file,
+        "indep": independent_deploy(name, conv.plan.config, state),
+        "size": conv.plan.input_size,
+    }
     info: dict = {"arch": arch}
     if common.is_vanillanet(name):
         for layout in ("transposed", "channels_last"):
@@ -177,7 +194,8 @@ def prepare(name: str, tmp: str, device: str) -> dict:
             p = dict(m[layout].named_parameters())[f"{names[0]}.weight"]
             info[layout] = {"weights": names, "example_stride": list(p.stride()), "example_shape": list(p.shape)}
     info["in_memory_noncanonical_strides"] = {
-        k: list(v.stride()) for k, v in conv.deploy.state_dict().items() if v.dim() and not _canonical(v)}
+        k: list(v.stride()) for k, v in conv.deploy.state_dict().items() if v.dim() and not _canonical(v)
+    }
     for k in ("train", "memory", "file", "indep", "transposed", "channels_last"):
         if k in m:
             m[k].to(device)
@@ -191,18 +209,24 @@ def measure_batch(name: str, m: dict, b: int, args: argparse.Namespace, rounds: 
     row = train_vs_deploy(m["train"], m["memory"], size, b, device, args.warmup, rounds)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(b, *size, generator=g).to(device)
-    same = {"batch": b,
-            "memory_vs_independent": interleaved(m["memory"], m["indep"], x, device, args.warmup, rounds),
-            "file_vs_independent": interleaved(m["file"], m["indep"], x, device, args.warmup, rounds)}
+    same = {
+        "batch": b,
+        "memory_vs_independent": interleaved(m["memory"], m["indep"], x, device, args.warmup, rounds),
+        "file_vs_independent": interleaved(m["file"], m["indep"], x, device, args.warmup, rounds),
+    }
     for layout in ("transposed", "channels_last"):
         if layout in m:
             same[f"independent_vs_{layout}_1x1"] = interleaved(m["indep"], m[layout], x, device, args.warmup, rounds)
-    line = (f"{name:15s} b{b:<2d} train {row['train_ms']:8.2f} ms  deploy {row['deploy_ms']:8.2f} ms "
-            f"x{row['speedup']:.2f} | mem/indep {same['memory_vs_independent']['ratio']:.3f} "
-            f"file/indep {same['file_vs_independent']['ratio']:.3f}")
+    line = (
+        f"{name:15s} b{b:<2d} train {row['train_ms']:8.2f} ms  deploy {row['deploy_ms']:8.2f} ms "
+        f"x{row['speedup']:.2f} | mem/indep {same['memory_vs_independent']['ratio']:.3f} "
+        f"file/indep {same['file_vs_independent']['ratio']:.3f}"
+    )
     if "transposed" in m:
-        line += (f" indep/transposed {same['independent_vs_transposed_1x1']['ratio']:.3f}"
-                 f" indep/cl {same['independent_vs_channels_last_1x1']['ratio']:.3f}")
+        line += (
+            f" indep/transposed {same['independent_vs_transposed_1x1']['ratio']:.3f}"
+            f" indep/cl {same['independent_vs_channels_last_1x1']['ratio']:.3f}"
+        )
     print(line, flush=True)
     return row, same
 
@@ -221,9 +245,16 @@ def run(args: argparse.Namespace) -> dict:
     first, later = args.batches[0], args.batches[1:]
     res: dict = {
         "device": device if device == "cpu" else torch.cuda.get_device_name(device),
-        "threads": torch.get_num_threads(), "resolution": 224, "warmup": args.warmup, "rounds": args.rounds,
-        "rounds_large": args.rounds_large, "batches": args.batches, "budget_s": args.budget_s,
-        "loadavg_before": os.getloadavg(), "models": {}, "skipped": [],
+        "threads": torch.get_num_threads(),
+        "resolution": 224,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "rounds_large": args.rounds_large,
+        "batches": args.batches,
+        "budget_s": args.budget_s,
+        "loadavg_before": os.getloadavg(),
+        "models": {},
+        "skipped": [],
     }
     models: dict[str, dict] = {}
     try:
@@ -232,6 +263,7 @@ def run(args: argparse.Namespace) -> dict:
             models[name] = prepare(name, tmp, device)
             row, same = measure_batch(name, models[name], first, args, args.rounds)
             res["models"][name] = {**models[name]["info"], "rows": [row], "same": [same]}
+
         # phase 2: larger batches, cheapest (model, batch) first by its estimated time, while the
         # time budget lasts (so a cheap model's batch 64 is not crowded out by a costly batch 8)
         def estimate(name: str, b: int) -> float:
@@ -242,8 +274,10 @@ def run(args: argparse.Namespace) -> dict:
         for est, name, b in sorted((estimate(n, b), n, b) for b in later for n in args.models):
             left = args.budget_s - (time.perf_counter() - t_start)
             if est > left:
-                res["skipped"].append(f"{name} batch {b} (estimated {est:.0f} s, {max(left, 0):.0f} s left "
-                                      f"of the {args.budget_s:.0f} s budget)")
+                res["skipped"].append(
+                    f"{name} batch {b} (estimated {est:.0f} s, {max(left, 0):.0f} s left "
+                    f"of the {args.budget_s:.0f} s budget)"
+                )
                 continue
             row, same = measure_batch(name, models[name], b, args, args.rounds_large)
             res["models"][name]["rows"].append(row)

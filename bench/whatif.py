@@ -28,9 +28,18 @@ def _fold_bn_fp32(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Ten
     return w, b
 
 
-def _merge_1x1_fp32(outer_w: Tensor, outer_b: Tensor | None, inner_w: Tensor, inner_b: Tensor | None, *,
-                    outer_scale: Tensor | None = None, outer_shift: Tensor | None = None,
-                    inner_scale: Tensor | None = None, inner_shift: Tensor | None = None, **_kw):
+def _merge_1x1_fp32(
+    outer_w: Tensor,
+    outer_b: Tensor | None,
+    inner_w: Tensor,
+    inner_b: Tensor | None,
+    *,
+    outer_scale: Tensor | None = None,
+    outer_shift: Tensor | None = None,
+    inner_scale: Tensor | None = None,
+    inner_shift: Tensor | None = None,
+    **_kw,
+):
     """repfuse's merge_1x1 (both BNs folded on the way), with float32 products."""
     wo = outer_w.float().reshape(outer_w.shape[0], outer_w.shape[1])
     if outer_scale is not None:

@@ -114,8 +114,11 @@ def file_mappings(path: Path, tensors: Iterable[Tensor]) -> tuple[tuple[int, int
                     maps.append((start, end))
     except (OSError, ValueError):
         return ()
-    ptrs = {t.untyped_storage().data_ptr() for t in tensors
-            if isinstance(t, Tensor) and t.device.type == "cpu" and t.numel()}
+    ptrs = {
+        t.untyped_storage().data_ptr()
+        for t in tensors
+        if isinstance(t, Tensor) and t.device.type == "cpu" and t.numel()
+    }
     return tuple(m for m in maps if any(m[0] <= p < m[1] for p in ptrs))
 
 
@@ -342,9 +345,11 @@ def load_checkpoint(path: str | os.PathLike, key: str | None = None, trust: bool
             chosen = _default_key(path, weight_keys)
         sd = obj[chosen]
     sd, stripped = strip_prefixes(sd)
-    extras = {} if chosen is None and _is_weights(obj) else {
-        k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")
-    }
+    extras = (
+        {}
+        if chosen is None and _is_weights(obj)
+        else {k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")}
+    )
     entries = {} if chosen is None and _is_weights(obj) else {str(k): _describe(v) for k, v in obj.items()}
     mapped = file_mappings(path, sd.values()) if fmt == "torch" else ()
     return Checkpoint(path, fmt, sd, chosen, weight_keys, extras, dict(meta), stripped, entries, mapped)

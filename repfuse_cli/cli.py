@@ -31,28 +31,51 @@ app = typer.Typer(
 )
 
 # Shared options (one definition each, reused by every command).
-KeyOpt = Annotated[str | None, typer.Option("--key", help="Entry holding the weights (model, model_ema, "
-                                            "state_dict, state_dict_ema, ...). Default: the non-EMA weights.")]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="Entry holding the weights (model, model_ema, "
+        "state_dict, state_dict_ema, ...). Default: the non-EMA weights.",
+    ),
+]
 ArchOpt = Annotated[str, typer.Option("--arch", help="auto, a fuser name (see `repfuse archs`), or timm:NAME.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="conv-bn network: timm:NAME or pkg.module:callable.")]
 VariantOpt = Annotated[str | None, typer.Option("--variant", help="Override the detected variant name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
-TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", rich_help_panel="Safety",
-                                        help="DANGER: unpickle arbitrary code from the checkpoint. "
-                                        "Only for files you trust.")]
-AnnealOpt = Annotated[bool, typer.Option("--assume-annealed", rich_help_panel="Safety",
-                                         help="VanillaNet: convert although the checkpoint records "
-                                         "unfinished deep-training annealing.")]
-ResOpt = Annotated[int | None, typer.Option("--resolution", help="Input height/width for verification and "
-                                            "FLOPs (default: the model's, usually 224).", min=8)]
+TrustOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-checkpoint",
+        rich_help_panel="Safety",
+        help="DANGER: unpickle arbitrary code from the checkpoint. Only for files you trust.",
+    ),
+]
+AnnealOpt = Annotated[
+    bool,
+    typer.Option(
+        "--assume-annealed",
+        rich_help_panel="Safety",
+        help="VanillaNet: convert although the checkpoint records unfinished deep-training annealing.",
+    ),
+]
+ResOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--resolution", help="Input height/width for verification and FLOPs (default: the model's, usually 224).", min=8
+    ),
+]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Batch size of the seeded random inputs.", min=1)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
 AtolOpt = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default per dtype).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (TF32 off; bench: cudnn.benchmark "
-                                        "on).")]
-RtolOpt = Annotated[float | None, typer.Option("--rtol", help="Tolerance relative to max|output| "
-                                               "(default per dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (TF32 off; bench: cudnn.benchmark on).")]
+RtolOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--rtol", help="Tolerance relative to max|output| (default per dtype: fp32 1e-4, fp16 1e-2, bf16 5e-2)."
+    ),
+]
 
 out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -105,8 +128,10 @@ def _errors(json_out: bool) -> Iterator[None]:
     except Exception as e:  # a bug: still one line (and JSON) for pipelines, the traceback on request
         if os.environ.get("REPFUSE_DEBUG"):
             raise
-        msg = (f"internal error: {type(e).__name__}: {first_line(e, 300)} (a bug in repfuse; "
-               "rerun with REPFUSE_DEBUG=1 for the traceback)")
+        msg = (
+            f"internal error: {type(e).__name__}: {first_line(e, 300)} (a bug in repfuse; "
+            "rerun with REPFUSE_DEBUG=1 for the traceback)"
+        )
         raise _fail(msg, INTERNAL_ERROR, json_out) from None
 
 
@@ -116,8 +141,13 @@ def _progress(enabled: bool, steps: int = 7):
         return contextlib.nullcontext(), lambda _step: None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    progress = Progress(TextColumn("repfuse: {task.description:<8}"), BarColumn(), TimeElapsedColumn(),
-                        console=err_console, transient=True)
+    progress = Progress(
+        TextColumn("repfuse: {task.description:<8}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
     task = progress.add_task("start", total=steps)
     seen: list[str] = []
 
@@ -141,8 +171,10 @@ def _one_step(step: str, progress: bool, call: Callable[[], Any]) -> Any:
 @app.command()
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pth, .pt, .pth.tar, .bin, .safetensors).")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Deploy file. Default: "
-                                                "<input stem>.deploy.safetensors beside the input.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Deploy file. Default: <input stem>.deploy.safetensors beside the input."),
+    ] = None,
     arch: ArchOpt = "auto",
     model: ModelOpt = None,
     variant: VariantOpt = None,
@@ -166,15 +198,27 @@ def convert(
         from .report import conversion_report
 
         if trust_checkpoint and not quiet:
-            print(f"repfuse: warning: --trust-checkpoint: unpickling {checkpoint} may run code from it",
-                  file=sys.stderr)
+            print(
+                f"repfuse: warning: --trust-checkpoint: unpickling {checkpoint} may run code from it", file=sys.stderr
+            )
         ctx, on_step = _progress(not (quiet or json_out))
         with ctx:
             result = run_convert(
-                checkpoint, output, arch=arch, key=key, force=force, trust=trust_checkpoint,
+                checkpoint,
+                output,
+                arch=arch,
+                key=key,
+                force=force,
+                trust=trust_checkpoint,
                 options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
-                verify=not no_verify, resolution=resolution, batch=batch, seed=seed, atol=atol, rtol=rtol,
-                report=json_out or not quiet, on_step=on_step,
+                verify=not no_verify,
+                resolution=resolution,
+                batch=batch,
+                seed=seed,
+                atol=atol,
+                rtol=rtol,
+                report=json_out or not quiet,
+                on_step=on_step,
             )
         _show(result, json_out, quiet, conversion_report)
 
@@ -187,8 +231,12 @@ def verify(
     model: ModelOpt = None,
     variant: VariantOpt = None,
     key: KeyOpt = None,
-    inputs: Annotated[Path | None, typer.Option("--inputs", help="Real inputs: images (N,C,H,W) in .pt, .npy "
-                                                "or .safetensors, optionally with `labels`.")] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs", help="Real inputs: images (N,C,H,W) in .pt, .npy or .safetensors, optionally with `labels`."
+        ),
+    ] = None,
     batch: BatchOpt = 4,
     resolution: ResOpt = None,
     seed: SeedOpt = 0,
@@ -206,11 +254,25 @@ def verify(
         from .pipeline import verify_files
         from .report import verify_report
 
-        result = _one_step("verify", not (quiet or json_out), lambda: verify_files(
-            checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint, inputs=inputs, batch=batch,
-            options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
-            resolution=resolution, seed=seed, atol=atol, rtol=rtol, device=device,
-        ))
+        result = _one_step(
+            "verify",
+            not (quiet or json_out),
+            lambda: verify_files(
+                checkpoint,
+                deploy,
+                arch=arch,
+                key=key,
+                trust=trust_checkpoint,
+                inputs=inputs,
+                batch=batch,
+                options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
+                resolution=resolution,
+                seed=seed,
+                atol=atol,
+                rtol=rtol,
+                device=device,
+            ),
+        )
         _show(result, json_out, quiet, verify_report)
 
 
@@ -240,8 +302,9 @@ def bench(
     arch: ArchOpt = "auto",
     model: ModelOpt = None,
     key: KeyOpt = None,
-    batch: Annotated[list[int] | None, typer.Option("--batch", help="Batch size; repeat for several "
-                                                    "(default 1).", min=1)] = None,
+    batch: Annotated[
+        list[int] | None, typer.Option("--batch", help="Batch size; repeat for several (default 1).", min=1)
+    ] = None,
     resolution: ResOpt = None,
     device: DeviceOpt = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd models.")] = False,
@@ -258,11 +321,24 @@ def bench(
         from .pipeline import bench_file
         from .report import bench_table
 
-        result = _one_step("bench", not (quiet or json_out), lambda: bench_file(
-            checkpoint, deploy, arch=arch, key=key, trust=trust_checkpoint,
-            options=Options(model=model, assume_annealed=assume_annealed), batches=tuple(batch or [1]),
-            resolution=resolution, device=device, compile=compile, warmup=warmup, repeats=repeats,
-        ))
+        result = _one_step(
+            "bench",
+            not (quiet or json_out),
+            lambda: bench_file(
+                checkpoint,
+                deploy,
+                arch=arch,
+                key=key,
+                trust=trust_checkpoint,
+                options=Options(model=model, assume_annealed=assume_annealed),
+                batches=tuple(batch or [1]),
+                resolution=resolution,
+                device=device,
+                compile=compile,
+                warmup=warmup,
+                repeats=repeats,
+            ),
+        )
         _show(result, json_out, quiet, bench_table)
 
 

@@ -86,6 +86,28 @@ class Plan:
         )
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """How the family's own evaluation code turns an image into the model's input.
+
+    Resize the shorter side to ``round(size / crop_pct)`` with ``interpolation``, center-crop
+    ``size`` (``crop_pct`` None: resize straight to ``size x size``, no crop), scale to [0, 1],
+    then normalize with ``mean``/``std``. ``source`` says where the numbers come from, in one
+    line for the report (e.g. "VanillaNet datasets.py eval, args from the checkpoint").
+    """
+
+    size: int = 224
+    interpolation: str = "bicubic"  # "bilinear", "bicubic" or "nearest"
+    crop_pct: float | None = 0.875
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    source: str = "ImageNet defaults (resize 256, center crop 224, bicubic)"
+
+
 @dataclass
 class Fused:
     """A fuser's result: the deploy weights and an account of what was done."""
@@ -111,19 +133,27 @@ class Fuser(ABC):
         """The training-mode model holding ``state_dict`` (strictly loaded), in eval mode."""
 
     @abstractmethod
-    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
+    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None) -> Fused:
         """Compute the deploy weights. Must not modify ``state_dict`` or ``train``.
 
-        A fuser that works part by part may also take a keyword ``done: Done | None = None``
-        and call it with the input tensors (``state_dict``'s or ``train``'s) of each part it has
-        finished; the pipeline then lets the memory behind them go (the pages of a
-        memory-mapped checkpoint), so a large checkpoint is never resident all at once. The
-        tensors stay valid; fusers without the keyword work as well.
+        ``done``, when given, is called with the input tensors (``state_dict``'s or ``train``'s)
+        of each part the fuser has finished, so the memory behind them can go (the pages of a
+        memory-mapped checkpoint): a large checkpoint is then never resident all at once. The
+        tensors stay valid after the call. A fuser that works in one piece may ignore it.
         """
 
     @abstractmethod
     def build_deploy(self, plan: Plan) -> nn.Module:
         """An empty deploy-mode model (meta device is fine) for ``plan`` (config from ``fuse``)."""
+
+    def eval_transform(self, plan: Plan, ckpt: Checkpoint) -> EvalTransform:
+        """The evaluation transform of the family's official training code for this checkpoint
+        (its recorded training arguments, e.g. ``ckpt.args``, take precedence over defaults).
+        The default is the common ImageNet one at the plan's input size."""
+        size = plan.input_size[-1]
+        return EvalTransform(
+            size=size, source=f"ImageNet defaults (resize {round(size / 0.875)}, center crop {size}, bicubic)"
+        )
 
     def check_config(self, plan: Plan, model: str | None, where: str) -> None:
         """Vet a plan read from a file's metadata before anything is built from it.

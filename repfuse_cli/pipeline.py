@@ -10,7 +10,6 @@ don't match. No output file is written unless verification passed.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -89,14 +88,11 @@ def prepare(
     return fuser, plan, fuser.build_train(plan, ckpt.state_dict)
 
 
-def fuse(
-    fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None
-) -> Fused:
+def fuse(fuser: Fuser, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None) -> Fused:
     """Run the fuser; give every deploy tensor the standard layout the file will hold, so the
     deploy model that is verified and timed is the one users load. ``done`` goes to fusers
     that take it (see ``Fuser.fuse``)."""
-    streams = done is not None and "done" in inspect.signature(fuser.fuse).parameters
-    fused = fuser.fuse(plan, state_dict, train, done=done) if streams else fuser.fuse(plan, state_dict, train)
+    fused = fuser.fuse(plan, state_dict, train, done=done)
     fused.tensors = {k: standard_layout(v) for k, v in fused.tensors.items()}
     return fused
 
@@ -239,7 +235,12 @@ def run_conversion(
             x = seeded_inputs(batch, (c, h, w), seed)
             with releasing(train, ckpt.release):
                 result_verify = verify_models(
-                    train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol,
+                    train,
+                    deploy,
+                    x,
+                    ckpt.dtype,
+                    atol=atol,
+                    rtol=rtol,
                     exclude=fused.config.get("fused_modules", []),
                     inputs_desc=f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}",
                 )
@@ -368,8 +369,11 @@ def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
     if not torch.isfinite(obj).all():
         raise BadInput(f"{path}: images hold NaN or inf")
     if labels is not None and (
-        not isinstance(labels, Tensor) or labels.shape != obj.shape[:1] or labels.is_floating_point()
-        or labels.is_complex() or (labels < 0).any()
+        not isinstance(labels, Tensor)
+        or labels.shape != obj.shape[:1]
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or (labels < 0).any()
     ):
         raise BadInput(f"{path}: labels must be non-negative integers of shape ({obj.shape[0]},)")
     return obj.float(), labels
@@ -415,8 +419,10 @@ def load_pair(
             if meta.get("source_sha256") and meta["source_sha256"] != ckpt.sha256():
                 notes.insert(0, f"{deploy_path.name} was converted from another file ({meta.get('source', '?')})")
             if (deploy_plan.arch, deploy_plan.variant) != (plan.arch, plan.variant):
-                raise BadInput(f"{deploy_path}: holds a {deploy_plan.arch} {deploy_plan.variant} model, "
-                               f"{ckpt.path.name} a {plan.arch} {plan.variant}: not its deploy file")
+                raise BadInput(
+                    f"{deploy_path}: holds a {deploy_plan.arch} {deploy_plan.variant} model, "
+                    f"{ckpt.path.name} a {plan.arch} {plan.variant}: not its deploy file"
+                )
         else:  # a deploy state_dict from another tool: rebuild the deploy model our fuser would write
             tensors = load_checkpoint(deploy_path, trust=trust).state_dict
             deploy_plan = plan.with_config(fuser.fuse(plan, ckpt.state_dict, train).config)
@@ -446,8 +452,9 @@ def bench_file(
     check_device(device)
     m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
     c, h, w = m.plan.input_size
-    rows = bench_models(m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile,
-                        warmup=warmup, repeats=repeats)
+    rows = bench_models(
+        m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile, warmup=warmup, repeats=repeats
+    )
     return {
         "checkpoint": str(m.ckpt.path),
         "deploy": str(deploy_path) if deploy_path else "(fused in memory)",
@@ -500,8 +507,16 @@ def verify_files(
         desc = f"seeded random normal, batch {batch}, {c}x{h}x{w}, seed {seed}"
     with releasing(train, ckpt.release):
         result_verify = verify_models(
-            train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol, device=device, labels=labels,
-            exclude=deploy_plan.config.get("fused_modules", []), inputs_desc=desc,
+            train,
+            deploy,
+            x,
+            ckpt.dtype,
+            atol=atol,
+            rtol=rtol,
+            device=device,
+            labels=labels,
+            exclude=deploy_plan.config.get("fused_modules", []),
+            inputs_desc=desc,
         )
     result = {
         "checkpoint": str(ckpt.path),
@@ -524,8 +539,9 @@ def verify_files(
     return result
 
 
-def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto",
-                 options: Options | None = None, trust: bool = False) -> dict[str, Any]:
+def inspect_file(
+    path: str | Path, *, key: str | None = None, arch: str = "auto", options: Options | None = None, trust: bool = False
+) -> dict[str, Any]:
     """What is in a file before anything is converted (the `repfuse inspect` report)."""
     from .errors import AnnealingUnfinished
 
@@ -553,9 +569,16 @@ def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto"
     if ckpt.metadata.get("format") == DEPLOY_FORMAT:
         plan, tensors, _ = read_deploy(path, options.model)
         deploy = build_deploy_model(get_fuser(plan.arch), plan, tensors, str(path))
-        result.update(mode="deploy (written by repfuse)", arch=plan.arch, variant=plan.variant, layout=plan.layout,
-                      params=sum(p.numel() for p in deploy.parameters()), would_fuse=None,
-                      source=ckpt.metadata.get("source"), repfuse_version=ckpt.metadata.get("repfuse_version"))
+        result.update(
+            mode="deploy (written by repfuse)",
+            arch=plan.arch,
+            variant=plan.variant,
+            layout=plan.layout,
+            params=sum(p.numel() for p in deploy.parameters()),
+            would_fuse=None,
+            source=ckpt.metadata.get("source"),
+            repfuse_version=ckpt.metadata.get("repfuse_version"),
+        )
         return result
     try:
         fuser, plan = detect(ckpt, arch, options)
@@ -571,7 +594,10 @@ def inspect_file(path: str | Path, *, key: str | None = None, arch: str = "auto"
     fused = fuse(fuser, plan, ckpt.state_dict, train)
     warnings.extend(plan.notes)
     result.update(
-        mode="train", arch=plan.arch, variant=plan.variant, layout=plan.layout,
+        mode="train",
+        arch=plan.arch,
+        variant=plan.variant,
+        layout=plan.layout,
         params=sum(p.numel() for p in train.parameters()),
         would_fuse={**fused.counts, "unfused": len(fused.unfused)},
         unfused=[{"module": m, "reason": r} for m, r in fused.unfused],

@@ -46,8 +46,7 @@ def change(before: float | None, after: float | None) -> str:
 
 
 def stats_table(before: dict[str, Any], after: dict[str, Any], resolution: int) -> Table:
-    t = Table(title=f"Training model vs deploy model (input {resolution}x{resolution}, batch 1)",
-              title_justify="left")
+    t = Table(title=f"Training model vs deploy model (input {resolution}x{resolution}, batch 1)", title_justify="left")
     t.add_column("")
     t.add_column("train", justify="right")
     t.add_column("deploy", justify="right")
@@ -65,17 +64,25 @@ def verify_lines(v: dict[str, Any] | None) -> list[Text]:
     line = Text("verification: ")
     line.append("PASSED" if ok else "FAILED", style="bold green" if ok else "bold red")
     line.append(
-        f"  max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}, "
-        f"cosine {v['cosine']:.9f}"
+        f"  max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}, cosine {v['cosine']:.9f}"
     )
     if v.get("top1_agreement") is not None:
         line.append(f", top-1 agreement {v['top1_agreement'] * 100:.2f}%")
-    lines = [line, Text(f"  on {v['inputs']}; {v['dtype']} weights computed in {v['compute_dtype']} "
-                        f"on {v['device']}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g} x max|output|",
-                        style="dim")]
+    lines = [
+        line,
+        Text(
+            f"  on {v['inputs']}; {v['dtype']} weights computed in {v['compute_dtype']} "
+            f"on {v['device']}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g} x max|output|",
+            style="dim",
+        ),
+    ]
     if v.get("accuracy_train") is not None:
-        lines.append(Text(f"  accuracy on the labelled inputs: train {v['accuracy_train'] * 100:.2f}%, "
-                          f"deploy {v['accuracy_deploy'] * 100:.2f}%"))
+        lines.append(
+            Text(
+                f"  accuracy on the labelled inputs: train {v['accuracy_train'] * 100:.2f}%, "
+                f"deploy {v['accuracy_deploy'] * 100:.2f}%"
+            )
+        )
     if v.get("diverges_at"):
         lines.append(Text(f"  outputs first diverge at `{v['diverges_at']}`", style="red"))
     return lines
@@ -89,12 +96,20 @@ def conversion_report(r: dict[str, Any]) -> Group:
     ema = r.get("ema_available") or []
     if ema and r["key"] not in ema:
         key += f"  [yellow](EMA weights also present: {', '.join(ema)}; use --key to choose them)[/]"
-    parts.append(Text.from_markup(f"architecture: [bold]{r['arch']}[/]  variant: [bold]{r['variant']}[/]  "
-                                  f"layout: {r['layout']}  dtype: {r['dtype']}"))
+    parts.append(
+        Text.from_markup(
+            f"architecture: [bold]{r['arch']}[/]  variant: [bold]{r['variant']}[/]  "
+            f"layout: {r['layout']}  dtype: {r['dtype']}"
+        )
+    )
     parts.append(Text.from_markup(f"weights: {key}"))
     fused = r.get("fused") or {}
-    desc = {"bn_folded": "BN folds", "branch_merges": "branch merges", "chain_merges": "1x1 chain merges",
-            "timm_reparameterized": "modules re-parameterized by timm"}
+    desc = {
+        "bn_folded": "BN folds",
+        "branch_merges": "branch merges",
+        "chain_merges": "1x1 chain merges",
+        "timm_reparameterized": "modules re-parameterized by timm",
+    }
     parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in fused.items())))
     unfused = r.get("unfused") or []
     if unfused:
@@ -142,8 +157,12 @@ def inspect_report(r: dict[str, Any]) -> Group:
     if not r.get("entries"):
         t.add_row("(bare state_dict)", f"{r['tensors']} tensors")
     parts: list[Any] = [t]
-    parts.append(Text(f"mode: {r['mode']}  architecture: {r.get('arch')}  variant: {r.get('variant')}  "
-                      f"layout: {r.get('layout', '-')}  dtype: {r['dtype']}"))
+    parts.append(
+        Text(
+            f"mode: {r['mode']}  architecture: {r.get('arch')}  variant: {r.get('variant')}  "
+            f"layout: {r.get('layout', '-')}  dtype: {r['dtype']}"
+        )
+    )
     if r.get("epoch") is not None or r.get("recorded_arch"):
         parts.append(Text(f"recorded: epoch {r.get('epoch')}, model {r.get('recorded_arch')}"))
     if r.get("params") is not None:
@@ -153,20 +172,31 @@ def inspect_report(r: dict[str, Any]) -> Group:
         parts.append(Text(line))
     if r.get("would_fuse"):
         wf = r["would_fuse"]
-        parts.append(Text(f"a conversion would fuse: {wf.get('bn_folded', 0)} BN folds, "
-                          f"{wf.get('branch_merges', 0)} branch merges, {wf.get('chain_merges', 0)} 1x1 chain merges;"
-                          f" {wf.get('unfused', 0)} BN left unfused"))
+        parts.append(
+            Text(
+                f"a conversion would fuse: {wf.get('bn_folded', 0)} BN folds, "
+                f"{wf.get('branch_merges', 0)} branch merges, {wf.get('chain_merges', 0)} 1x1 chain merges;"
+                f" {wf.get('unfused', 0)} BN left unfused"
+            )
+        )
     parts += [Text(f"warning: {w}", style="yellow") for w in r.get("warnings") or []]
     return Group(*parts)
 
 
 def bench_table(r: dict[str, Any]) -> Table:
-    t = Table(title=f"{r['variant']} ({r['arch']}) on {r['device']}, {r['threads']} threads, "
-              f"{r['resolution']}x{r['resolution']}, median of {r['repeats']} after {r['warmup']} warm-up",
-              title_justify="left")
+    t = Table(
+        title=f"{r['variant']} ({r['arch']}) on {r['device']}, {r['threads']} threads, "
+        f"{r['resolution']}x{r['resolution']}, median of {r['repeats']} after {r['warmup']} warm-up",
+        title_justify="left",
+    )
     for col in ("batch", "mode", "train ms", "deploy ms", "speedup"):
         t.add_column(col, justify="right")
     for row in r["rows"]:
-        t.add_row(str(row["batch"]), row["mode"], f"{row['train_ms']:.3f}", f"{row['deploy_ms']:.3f}",
-                  f"{row['speedup']:.2f}x")
+        t.add_row(
+            str(row["batch"]),
+            row["mode"],
+            f"{row['train_ms']:.3f}",
+            f"{row['deploy_ms']:.3f}",
+            f"{row['speedup']:.2f}x",
+        )
     return t

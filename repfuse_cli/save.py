@@ -54,10 +54,21 @@ def check_output(out: Path, src: Path, force: bool) -> None:
 
 # safetensors' dtype names (https://huggingface.co/docs/safetensors: the format)
 ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
-    torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint64: "U64",
+    torch.uint32: "U32",
+    torch.uint16: "U16",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
 }
 
 
@@ -142,8 +153,9 @@ class StagedWrite:
                 if hasattr(os, "fchmod"):  # mkstemp made it 0600
                     os.fchmod(f.fileno(), 0o644)
             except OSError as e:
-                raise OutputError(f"{self.out}: cannot write the deploy file ({first_line(e)}); "
-                                  "nothing written") from None
+                raise OutputError(
+                    f"{self.out}: cannot write the deploy file ({first_line(e)}); nothing written"
+                ) from None
 
     def commit(self) -> None:
         """Wait for the write, then move the file to ``out`` (OutputError if that went wrong)."""
@@ -175,8 +187,9 @@ class StagedWrite:
                 return
             Path(self.tmp).unlink(missing_ok=True)
         except OSError as e:
-            raise OutputError(f"{self.out}: cannot move the deploy file into place ({first_line(e)}); "
-                              "nothing written") from None
+            raise OutputError(
+                f"{self.out}: cannot move the deploy file into place ({first_line(e)}); nothing written"
+            ) from None
 
     def discard(self) -> None:
         """Stop the write (if still running) and remove the temp file; a no-op after commit."""

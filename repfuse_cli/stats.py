@@ -17,8 +17,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 NORM_OPS = {
-    "native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
-    "batch_norm", "cudnn_batch_norm", "native_layer_norm", "native_group_norm",
+    "native_batch_norm",
+    "_native_batch_norm_legit",
+    "_native_batch_norm_legit_no_training",
+    "batch_norm",
+    "cudnn_batch_norm",
+    "native_layer_norm",
+    "native_group_norm",
 }
 ELEMENTWISE_OPS = {"add", "sub", "mul", "div", "addcmul", "addcdiv"}
 
@@ -65,8 +70,7 @@ def count_forward(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int |
     from torch.utils.flop_counter import FlopCounterMode  # 80 ms of imports (triton): only when counting
 
     state = {
-        n: torch.empty_like(t, device="meta")
-        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        n: torch.empty_like(t, device="meta") for n, t in list(model.named_parameters()) + list(model.named_buffers())
     }
     dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     x = torch.empty(input_shape, device="meta", dtype=dtype)

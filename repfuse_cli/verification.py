@@ -107,10 +107,12 @@ def _capture(model: nn.Module, names: list[str], x: Tensor, dtype, device) -> tu
     modules = dict(model.named_modules())
     hooks = []
     for n in names:
+
         def hook(_m, _i, out, n=n):
             if n not in outs and isinstance(out, Tensor):
                 outs[n] = out.detach().double().cpu()
                 order.append(n)
+
         hooks.append(modules[n].register_forward_hook(hook))
     try:
         run(model, x, dtype, device)
@@ -121,8 +123,14 @@ def _capture(model: nn.Module, names: list[str], x: Tensor, dtype, device) -> tu
 
 
 def locate_divergence(
-    train: nn.Module, deploy: nn.Module, x: Tensor, dtype, atol: float, rtol: float,
-    device: str = "cpu", exclude: Iterable[str] = (),
+    train: nn.Module,
+    deploy: nn.Module,
+    x: Tensor,
+    dtype,
+    atol: float,
+    rtol: float,
+    device: str = "cpu",
+    exclude: Iterable[str] = (),
 ) -> str | None:
     """Where the outputs first differ beyond tolerance: the outermost shared block that
     diverges, and inside it the first shared module (in execution order), e.g.
@@ -184,8 +192,10 @@ def verify_models(
         a = _forward(train, x, cdt, device, "training")
         b = _forward(deploy, x, cdt, device, "deploy")
         if a.shape != b.shape:
-            raise BadInput(f"the deploy model's output has shape {tuple(b.shape)}, the training model's "
-                           f"{tuple(a.shape)}: not a deploy model of this checkpoint")
+            raise BadInput(
+                f"the deploy model's output has shape {tuple(b.shape)}, the training model's "
+                f"{tuple(a.shape)}: not a deploy model of this checkpoint"
+            )
         diff, rel, cos, top1 = compare_outputs(a, b)
         scale = a.detach().abs().max().item()
         passed = bool(diff <= atol + rtol * scale) and bool(torch.isfinite(b).all())
@@ -196,8 +206,18 @@ def verify_models(
         acc_a = (a.argmax(1) == lab).double().mean().item()
         acc_b = (b.argmax(1) == lab).double().mean().item()
     return VerifyResult(
-        max_abs_diff=diff, max_rel_diff=rel, cosine=cos, top1_agreement=top1, passed=passed,
-        atol=atol, rtol=rtol, dtype=str(dtype).replace("torch.", ""),
-        compute_dtype=str(cdt).replace("torch.", ""), device=device, inputs=inputs_desc,
-        diverges_at=where, accuracy_train=acc_a, accuracy_deploy=acc_b,
+        max_abs_diff=diff,
+        max_rel_diff=rel,
+        cosine=cos,
+        top1_agreement=top1,
+        passed=passed,
+        atol=atol,
+        rtol=rtol,
+        dtype=str(dtype).replace("torch.", ""),
+        compute_dtype=str(cdt).replace("torch.", ""),
+        device=device,
+        inputs=inputs_desc,
+        diverges_at=where,
+        accuracy_train=acc_a,
+        accuracy_deploy=acc_b,
     )

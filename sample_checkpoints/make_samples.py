@@ -93,8 +93,16 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
-def train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float, seed: int, on_epoch=None,
-          ema_decay: float | None = None):
+def train(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    epochs: int,
+    lr: float,
+    seed: int,
+    on_epoch=None,
+    ema_decay: float | None = None,
+):
     """SGD (momentum 0.9, wd 5e-5, batch 64) with a cosine schedule; random horizontal flips."""
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-5)
@@ -143,17 +151,49 @@ def main() -> None:
     torch.manual_seed(SEED + 1)
     cfg = VANILLA["vanillanet_5"].shrink(32)
     vnet = build_vanillanet(cfg, deploy=False, num_classes=len(CLASSES))
-    opt, ema = train(vnet, x, y, epochs, 0.05, SEED + 1, ema_decay=0.99,
-                     on_epoch=lambda m, e: m.set_act_learn(act_learn_at(e, decay)))
+    opt, ema = train(
+        vnet,
+        x,
+        y,
+        epochs,
+        0.05,
+        SEED + 1,
+        ema_decay=0.99,
+        on_epoch=lambda m, e: m.set_act_learn(act_learn_at(e, decay)),
+    )
     assert vnet.act_learn == 1.0
     results["vanillanet_tiny.pth"] = ("vanillanet", evaluate(vnet, xh, yh), evaluate(ema, xh, yh))
-    args = argparse.Namespace(model="vanillanet_tiny", epochs=epochs, decay_epochs=decay, decay_linear=True,
-                              batch_size=64, lr=0.05, opt="sgd", input_size=SIZE, nb_classes=len(CLASSES),
-                              model_ema=True, model_key="model|module", data_set="shapes6")
-    torch.save({"model": vnet.state_dict(), "model_ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "epoch": epochs - 1, "scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
-                                                "growth_interval": 2000, "_growth_tracker": 0},
-                "args": args}, HERE / "vanillanet_tiny.pth")
+    args = argparse.Namespace(
+        model="vanillanet_tiny",
+        epochs=epochs,
+        decay_epochs=decay,
+        decay_linear=True,
+        batch_size=64,
+        lr=0.05,
+        opt="sgd",
+        input_size=SIZE,
+        nb_classes=len(CLASSES),
+        model_ema=True,
+        model_key="model|module",
+        data_set="shapes6",
+    )
+    torch.save(
+        {
+            "model": vnet.state_dict(),
+            "model_ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epochs - 1,
+            "scaler": {
+                "scale": 65536.0,
+                "growth_factor": 2.0,
+                "backoff_factor": 0.5,
+                "growth_interval": 2000,
+                "_growth_tracker": 0,
+            },
+            "args": args,
+        },
+        HERE / "vanillanet_tiny.pth",
+    )
 
     # RepVGG: DDP training writes `module.`-prefixed keys under `state_dict`.
     torch.manual_seed(SEED + 2)
@@ -162,9 +202,16 @@ def main() -> None:
     opt, _ = train(rnet, x, y, RV_EPOCHS, 0.05, SEED + 2)
     acc = evaluate(rnet, xh, yh)
     results["repvgg_tiny.pth.tar"] = ("repvgg", acc, None)
-    torch.save({"epoch": RV_EPOCHS - 1, "arch": "RepVGG-custom", "best_acc1": torch.tensor(acc * 100),
-                "state_dict": {f"module.{k}": v for k, v in rnet.state_dict().items()},
-                "optimizer": opt.state_dict()}, HERE / "repvgg_tiny.pth.tar")
+    torch.save(
+        {
+            "epoch": RV_EPOCHS - 1,
+            "arch": "RepVGG-custom",
+            "best_acc1": torch.tensor(acc * 100),
+            "state_dict": {f"module.{k}": v for k, v in rnet.state_dict().items()},
+            "optimizer": opt.state_dict(),
+        },
+        HERE / "repvgg_tiny.pth.tar",
+    )
 
     # timm network with BatchNormAct2d, saved as timm's train.py does.
     import timm
@@ -174,16 +221,37 @@ def main() -> None:
     opt, ema = train(tnet, x, y, TM_EPOCHS, TM_LR, SEED + 3, ema_decay=0.99)
     acc, acc_ema = evaluate(tnet, xh, yh), evaluate(ema, xh, yh)
     results["test_efficientnet.pth.tar"] = ("conv-bn", acc, acc_ema)
-    targs = argparse.Namespace(model="test_efficientnet", num_classes=len(CLASSES), epochs=TM_EPOCHS, lr=TM_LR,
-                               opt="momentum", batch_size=64, model_ema=True, model_ema_decay=0.99)
-    torch.save({"epoch": TM_EPOCHS - 1, "arch": "test_efficientnet", "state_dict": tnet.state_dict(),
-                "state_dict_ema": ema.state_dict(), "optimizer": opt.state_dict(), "version": 2,
-                "args": targs, "metric": acc * 100}, HERE / "test_efficientnet.pth.tar")
+    targs = argparse.Namespace(
+        model="test_efficientnet",
+        num_classes=len(CLASSES),
+        epochs=TM_EPOCHS,
+        lr=TM_LR,
+        opt="momentum",
+        batch_size=64,
+        model_ema=True,
+        model_ema_decay=0.99,
+    )
+    torch.save(
+        {
+            "epoch": TM_EPOCHS - 1,
+            "arch": "test_efficientnet",
+            "state_dict": tnet.state_dict(),
+            "state_dict_ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "version": 2,
+            "args": targs,
+            "metric": acc * 100,
+        },
+        HERE / "test_efficientnet.pth.tar",
+    )
 
     from safetensors.torch import save_file
 
-    save_file({"images": xh.half().contiguous(), "labels": yh.contiguous()}, str(HERE / "heldout.safetensors"),
-              metadata={"classes": ",".join(CLASSES), "normalization": "(x - 0.5) / 0.25", "seed": str(SEED)})
+    save_file(
+        {"images": xh.half().contiguous(), "labels": yh.contiguous()},
+        str(HERE / "heldout.safetensors"),
+        metadata={"classes": ",".join(CLASSES), "normalization": "(x - 0.5) / 0.25", "seed": str(SEED)},
+    )
     write_recipe(results, time.time() - t0)
     for name, (fuser, a, e) in results.items():
         print(f"{name}: {fuser}, held-out top-1 {a * 100:.1f}%" + (f" (EMA {e * 100:.1f}%)" if e else ""))

@@ -65,8 +65,20 @@ def test_json_is_exactly_one_object_with_the_documented_fields(toy):
     r = convert(toy, *TOY, "--json")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)  # the whole stdout parses as one object
-    for field in ("input", "output", "arch", "variant", "key", "params_before", "params_after",
-                  "flops_before", "flops_after", "bn_folded", "verify", "seconds"):
+    for field in (
+        "input",
+        "output",
+        "arch",
+        "variant",
+        "key",
+        "params_before",
+        "params_after",
+        "flops_before",
+        "flops_after",
+        "bn_folded",
+        "verify",
+        "seconds",
+    ):
         assert field in res
     assert set(res["verify"]) >= {"max_abs_diff", "max_rel_diff", "passed"}
     assert res["params_before"] - res["params_after"] == 8  # BN gamma+beta (16) out, conv bias (8) in
@@ -87,12 +99,15 @@ def test_existing_output_needs_force_and_is_never_touched_without_it(toy):
     assert r.exit_code == 0 and out.read_bytes() != b"precious"
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda p: p.write_bytes(b""), "empty"),
-    (lambda p: p.write_bytes(os.urandom(64)), "not a readable torch checkpoint"),
-    (lambda p: p.mkdir(), "directory"),
-    (lambda p: None, "no such file"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_bytes(os.urandom(64)), "not a readable torch checkpoint"),
+        (lambda p: p.mkdir(), "directory"),
+        (lambda p: None, "no such file"),
+    ],
+)
 def test_unreadable_inputs_exit_2(tmp_path, make, needle):
     p = tmp_path / "bad.pth"
     make(p)
@@ -209,8 +224,9 @@ def test_ddp_prefixed_bin_and_safetensors_inputs(tmp_path):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["output"].endswith("train.deploy.safetensors")
     deploy_file = tmp_path / "train.deploy.safetensors"
-    assert_one_line_error(convert(deploy_file, *TOY, "-o", tmp_path / "again.safetensors"), 2,
-                          "already a repfuse deploy file")
+    assert_one_line_error(
+        convert(deploy_file, *TOY, "-o", tmp_path / "again.safetensors"), 2, "already a repfuse deploy file"
+    )
 
 
 def test_unwritable_output_exits_2(toy, tmp_path):
@@ -223,8 +239,8 @@ def test_verification_failure_exits_1_and_writes_nothing(toy, monkeypatch):
 
     real_fuse = conv_bn.ConvBnFuser.fuse
 
-    def broken(self, plan, sd, train):
-        fused = real_fuse(self, plan, sd, train)
+    def broken(self, plan, sd, train, done=None):
+        fused = real_fuse(self, plan, sd, train, done)
         fused.tensors["conv.bias"] = fused.tensors["conv.bias"] + 0.1  # a wrong fold
         return fused
 
@@ -238,8 +254,13 @@ def test_verification_failure_exits_1_and_writes_nothing(toy, monkeypatch):
 
 
 def run_cli(*args, env=None):
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "repfuse_cli", *args],
-                          capture_output=True, text=True, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "repfuse_cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_help_and_archs_do_not_import_torch():
@@ -256,9 +277,9 @@ def test_plugin_fuser_via_entry_point(tmp_path):
     site = tmp_path / "site"
     (site / "myplugin-1.0.dist-info").mkdir(parents=True)
     (site / "myplugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 1.0\n")
-    (site / "myplugin-1.0.dist-info" / "entry_points.txt").write_text(
-        "[repfuse.fusers]\ntoynet = myplugin:ToyFuser\n")
-    (site / "myplugin.py").write_text(textwrap.dedent("""
+    (site / "myplugin-1.0.dist-info" / "entry_points.txt").write_text("[repfuse.fusers]\ntoynet = myplugin:ToyFuser\n")
+    (site / "myplugin.py").write_text(
+        textwrap.dedent("""
         from repfuse_cli.fuser import Plan
         from repfuse_cli.fusers.conv_bn import ConvBnFuser
 
@@ -269,7 +290,8 @@ def test_plugin_fuser_via_entry_point(tmp_path):
             def detect(self, ckpt, options):
                 return Plan("toynet", "toy", "custom", {"model": "toy_models:reversed_order", "kwargs": {}},
                             input_size=(3, 16, 16))
-    """))
+    """)
+    )
     torch.save({"model": randomize_bn(ReversedOrder()).state_dict()}, tmp_path / "t.pth")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO / "tests"), str(REPO)]))
     p = run_cli("archs", "--json", env=env)
@@ -278,8 +300,10 @@ def test_plugin_fuser_via_entry_point(tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout)
     assert res["arch"] == "toynet" and res["verify"]["passed"]
-    code = (f"import repfuse_cli; print(type(repfuse_cli.load_deploy({res['output']!r}, "
-            "model='toy_models:reversed_order')).__name__)")
+    code = (
+        f"import repfuse_cli; print(type(repfuse_cli.load_deploy({res['output']!r}, "
+        "model='toy_models:reversed_order')).__name__)"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.stdout.strip() == "ReversedOrder", p.stderr
 
@@ -344,6 +368,11 @@ def test_deploy_metadata_records_the_source(toy):
     assert meta["format"] == "repfuse-deploy" and meta["source_key"] == "model" and meta["dtype"] == "float32"
     from repfuse_cli.fuser import Options
 
-    res = library_convert(toy, toy.with_name("again.safetensors"), options=Options(model="toy_models:reversed_order"),
-                          resolution=16, report=False)
+    res = library_convert(
+        toy,
+        toy.with_name("again.safetensors"),
+        options=Options(model="toy_models:reversed_order"),
+        resolution=16,
+        report=False,
+    )
     assert res["params_before"] is None and res["before"] is None and res["verify"]["passed"]

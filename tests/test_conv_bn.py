@@ -33,23 +33,25 @@ def fold_copy(model: nn.Module, input_shape) -> tuple[nn.Module, list, list]:
 
 # --- property test: one conv (any kind) followed by one BN ---------------------------------
 
-conv_cfg = st.fixed_dictionaries({
-    "dims": st.sampled_from([1, 2, 3]),
-    "transposed": st.booleans(),
-    "groups": st.sampled_from([1, 2, 4]),
-    "cin_per_group": st.integers(1, 3),
-    "cout_per_group": st.integers(1, 3),
-    "k": st.sampled_from([1, 2, 3]),
-    "stride": st.sampled_from([1, 2]),
-    "dilation": st.sampled_from([1, 2]),
-    "padding": st.sampled_from([0, 1]),
-    "padding_mode": st.sampled_from(["zeros", "reflect", "circular", "replicate"]),
-    "bias": st.booleans(),
-    "affine": st.booleans(),
-    "eps": st.sampled_from([1e-5, 1e-3, 1e-6, 0.1]),
-    "dtype": st.sampled_from([torch.float32, torch.float64]),
-    "seed": st.integers(0, 2**16),
-})
+conv_cfg = st.fixed_dictionaries(
+    {
+        "dims": st.sampled_from([1, 2, 3]),
+        "transposed": st.booleans(),
+        "groups": st.sampled_from([1, 2, 4]),
+        "cin_per_group": st.integers(1, 3),
+        "cout_per_group": st.integers(1, 3),
+        "k": st.sampled_from([1, 2, 3]),
+        "stride": st.sampled_from([1, 2]),
+        "dilation": st.sampled_from([1, 2]),
+        "padding": st.sampled_from([0, 1]),
+        "padding_mode": st.sampled_from(["zeros", "reflect", "circular", "replicate"]),
+        "bias": st.booleans(),
+        "affine": st.booleans(),
+        "eps": st.sampled_from([1e-5, 1e-3, 1e-6, 0.1]),
+        "dtype": st.sampled_from([torch.float32, torch.float64]),
+        "seed": st.integers(0, 2**16),
+    }
+)
 
 
 def make_conv(c):
@@ -188,9 +190,18 @@ def save_like_timm_train(name: str, path, dtype=torch.float32, seed=0):
     model = randomize_bn(timm.create_model(name, pretrained=False, num_classes=10), seed=seed).eval()
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     ema = {k: v.clone() for k, v in sd.items()}
-    torch.save({"epoch": 9, "arch": name, "version": 2, "state_dict": sd, "state_dict_ema": ema,
-                "args": argparse.Namespace(model=name, num_classes=10, lr=0.05, epochs=10),
-                "metric": 12.5}, path)
+    torch.save(
+        {
+            "epoch": 9,
+            "arch": name,
+            "version": 2,
+            "state_dict": sd,
+            "state_dict_ema": ema,
+            "args": argparse.Namespace(model=name, num_classes=10, lr=0.05, epochs=10),
+            "metric": 12.5,
+        },
+        path,
+    )
     return model
 
 

@@ -68,14 +68,20 @@ def test_merge_1x1_folds_both_bns_like_fold_bn_in_blocks():
     g = torch.Generator().manual_seed(1)
 
     def bn(n):
-        return bn_scale_shift(torch.randn(n, generator=g), torch.rand(n, generator=g) + 0.5,
-                              torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g), 1e-5)
+        return bn_scale_shift(
+            torch.randn(n, generator=g),
+            torch.rand(n, generator=g) + 0.5,
+            torch.rand(n, generator=g) + 0.5,
+            torch.randn(n, generator=g),
+            1e-5,
+        )
 
     wo, bo = torch.randn(7, 5, 1, 1, generator=g), torch.randn(7, generator=g)
     wi, bi = torch.randn(5, 3, 3, 3, generator=g), torch.randn(5, generator=g)
     (so, to), (si, ti) = bn(7), bn(5)
     for outer_b, inner_b in ((bo, bi), (None, None)):
         w_ref, b_ref = merge_1x1(*fold_bn(wo, outer_b, so, to), *fold_bn(wi, inner_b, si, ti))
-        w, b = merge_1x1(wo, outer_b, wi, inner_b, outer_scale=so, outer_shift=to, inner_scale=si,
-                         inner_shift=ti, block_rows=2)  # blocks over both operands' rows
+        w, b = merge_1x1(
+            wo, outer_b, wi, inner_b, outer_scale=so, outer_shift=to, inner_scale=si, inner_shift=ti, block_rows=2
+        )  # blocks over both operands' rows
         assert torch.allclose(w, w_ref, rtol=1e-12, atol=1e-12) and torch.allclose(b, b_ref, rtol=1e-12, atol=1e-12)

@@ -42,8 +42,13 @@ def test_readme_names_the_two_setup_commands():
 
 def example_commands() -> list[str]:
     """The one-line commands of the README's shell blocks (the pipeline script runs as a whole)."""
-    return [line for body in blocks("sh") if not body.startswith("#!")
-            for line in body.splitlines() if line.startswith("repfuse ")]
+    return [
+        line
+        for body in blocks("sh")
+        if not body.startswith("#!")
+        for line in body.splitlines()
+        if line.startswith("repfuse ")
+    ]
 
 
 def test_example_commands_run_in_order(workdir):

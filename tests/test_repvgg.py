@@ -82,11 +82,20 @@ def test_registered_class_and_contract():
 
 
 PARAMS = {  # REFERENCE §2: millions, train -> deploy
-    "RepVGG-A0": (9.11, 8.31), "RepVGG-A1": (14.09, 12.79), "RepVGG-A2": (28.21, 25.50),
-    "RepVGG-B0": (15.82, 14.34), "RepVGG-B1": (57.42, 51.83), "RepVGG-B1g2": (45.78, 41.36),
-    "RepVGG-B1g4": (39.97, 36.13), "RepVGG-B2": (89.02, 80.32), "RepVGG-B2g2": (70.85, 63.96),
-    "RepVGG-B2g4": (61.76, 55.78), "RepVGG-B3": (123.09, 110.96), "RepVGG-B3g2": (96.91, 87.40),
-    "RepVGG-B3g4": (83.83, 75.63), "RepVGG-D2se": (133.33, 120.39),
+    "RepVGG-A0": (9.11, 8.31),
+    "RepVGG-A1": (14.09, 12.79),
+    "RepVGG-A2": (28.21, 25.50),
+    "RepVGG-B0": (15.82, 14.34),
+    "RepVGG-B1": (57.42, 51.83),
+    "RepVGG-B1g2": (45.78, 41.36),
+    "RepVGG-B1g4": (39.97, 36.13),
+    "RepVGG-B2": (89.02, 80.32),
+    "RepVGG-B2g2": (70.85, 63.96),
+    "RepVGG-B2g4": (61.76, 55.78),
+    "RepVGG-B3": (123.09, 110.96),
+    "RepVGG-B3g2": (96.91, 87.40),
+    "RepVGG-B3g4": (83.83, 75.63),
+    "RepVGG-D2se": (133.33, 120.39),
 }
 
 
@@ -170,8 +179,13 @@ def test_se_is_kept_and_passes_through():
 def test_custom_config_fuses_and_is_recognized_as_custom():
     torch.manual_seed(3)
     model = build_repvgg(
-        "RepVGG-A0", False, num_blocks=(1, 3, 2, 2), width_multiplier=(0.25, 0.375, 0.25, 0.125),
-        override_groups_map={2: 2, 6: 4}, use_se=True, num_classes=5,
+        "RepVGG-A0",
+        False,
+        num_blocks=(1, 3, 2, 2),
+        width_multiplier=(0.25, 0.375, 0.25, 0.125),
+        override_groups_map={2: 2, 6: 4},
+        use_se=True,
+        num_classes=5,
     )
     model = randomize_bn(model, 3).eval()
     sd = model.state_dict()
@@ -270,8 +284,12 @@ def test_recorded_arch_is_compared_with_the_tensors():
 
 def test_custom_configs_detected_from_shapes():
     cfg = dataclasses.replace(
-        VARIANTS["RepVGG-B1"], num_blocks=(3, 1, 5, 2), override_groups_map={1: 2, 4: 4, 9: 2}, use_se=True,
-        in_chans=1, num_classes=3,
+        VARIANTS["RepVGG-B1"],
+        num_blocks=(3, 1, 5, 2),
+        override_groups_map={1: 2, 4: 4, 9: 2},
+        use_se=True,
+        in_chans=1,
+        num_classes=3,
     ).resolve()
     with torch.device("meta"):
         sd = RepVGG(cfg).state_dict()
@@ -302,8 +320,10 @@ def test_foreign_state_dicts_are_not_this_arch():
         resnet = timm.create_model("resnet18", pretrained=False).state_dict()
         mobileone = timm.create_model("mobileone_s0", pretrained=False).state_dict()
     vanilla = {
-        "stem1.0.weight": torch.zeros(8, 3, 4, 4), "stem1.0.bias": torch.zeros(8),
-        "stages.0.conv1.0.weight": torch.zeros(8, 8, 1, 1), "cls2.0.weight": torch.zeros(10, 10, 1, 1),
+        "stem1.0.weight": torch.zeros(8, 3, 4, 4),
+        "stem1.0.bias": torch.zeros(8),
+        "stages.0.conv1.0.weight": torch.zeros(8, 8, 1, 1),
+        "cls2.0.weight": torch.zeros(10, 10, 1, 1),
     }
     for sd in (resnet, mobileone, vanilla, {"weight": torch.zeros(3)}):
         with pytest.raises(NotThisArch, match="no RepVGG branch keys"):

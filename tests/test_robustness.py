@@ -43,15 +43,17 @@ def toy(tmp_path) -> Path:
 
 
 def main_cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "repfuse_cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO / "tests", **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "repfuse_cli", *map(str, args)], capture_output=True, text=True, cwd=REPO / "tests", **kw
+    )
 
 
 def test_usage_errors_are_one_line_and_json():
     p = main_cli("convert", "--json")
     assert p.returncode == 2 and json.loads(p.stdout)["exit_code"] == 2
-    assert p.stderr.strip().splitlines() == ["repfuse: error: Missing argument 'checkpoint'. "
-                                             "(see `repfuse convert --help`)"]
+    assert p.stderr.strip().splitlines() == [
+        "repfuse: error: Missing argument 'checkpoint'. (see `repfuse convert --help`)"
+    ]
     p = main_cli("verify", "a.pth", "b.safetensors", "--bogus")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--bogus" in p.stderr
 
@@ -87,6 +89,7 @@ def test_integer_weights_are_a_dtype_mismatch(toy, tmp_path):
 
 def test_resolution_reaches_the_dataflow_trace(tmp_path):
     """A network that takes exactly 16x16 inputs converts with --resolution 16."""
+
     class Fixed(nn.Module):
         def __init__(self):
             super().__init__()
@@ -102,15 +105,19 @@ def test_resolution_reaches_the_dataflow_trace(tmp_path):
     r = cli("convert", tmp_path / "fixed.pth", "--model", "toy_models:fixed", "--resolution", 16, "--json")
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["bn_folded"] == 1
-    one_line(cli("convert", tmp_path / "fixed.pth", "--model", "toy_models:fixed", "--force"), 2,
-             "model forward failed")
+    one_line(
+        cli("convert", tmp_path / "fixed.pth", "--model", "toy_models:fixed", "--force"), 2, "model forward failed"
+    )
 
 
-@pytest.mark.parametrize("images, needle", [
-    (torch.randn(2, 1, 16, 16), "cannot run on inputs"),  # wrong channel count
-    (torch.full((2, 3, 16, 16), float("nan")), "NaN"),
-    (torch.randn(0, 3, 16, 16), "N >= 1"),
-])
+@pytest.mark.parametrize(
+    "images, needle",
+    [
+        (torch.randn(2, 1, 16, 16), "cannot run on inputs"),  # wrong channel count
+        (torch.full((2, 3, 16, 16), float("nan")), "NaN"),
+        (torch.randn(0, 3, 16, 16), "N >= 1"),
+    ],
+)
 def test_verify_rejects_inputs_the_model_cannot_take(toy, tmp_path, images, needle):
     assert cli("convert", toy, *TOY, "-q").exit_code == 0
     torch.save(images, tmp_path / "in.pt")
@@ -119,10 +126,13 @@ def test_verify_rejects_inputs_the_model_cannot_take(toy, tmp_path, images, need
     assert json.loads(r.stdout)["exit_code"] == 2
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--device", "foo"], "expected cpu, cuda or cuda:N"),
-    (["--atol", "nan"], "tolerances must be finite"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--device", "foo"], "expected cpu, cuda or cuda:N"),
+        (["--atol", "nan"], "tolerances must be finite"),
+    ],
+)
 def test_bad_option_values_exit_2(toy, args, needle):
     assert cli("convert", toy, *TOY, "-q").exit_code == 0
     one_line(cli("verify", toy, toy.with_name("toy.deploy.safetensors"), *TOY, *args), 2, needle)
@@ -153,8 +163,12 @@ def test_sigterm_leaves_no_partial_file(tmp_path):
 
     model = randomize_bn(timm.create_model("resnet18", num_classes=10))
     torch.save({"arch": "resnet18", "state_dict": model.state_dict()}, tmp_path / "r.pth")
-    proc = subprocess.Popen([sys.executable, "-m", "repfuse_cli", "convert", str(tmp_path / "r.pth"),
-                             "--batch", "64", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "repfuse_cli", "convert", str(tmp_path / "r.pth"), "--batch", "64", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not list(tmp_path.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # the deploy file is staged while the (batch 64) verification runs

@@ -32,8 +32,16 @@ def resnet(tmp_path_factory):
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model("resnet18", num_classes=10), seed=3).eval()
     ckpt = d / "checkpoint-9.pth.tar"
-    torch.save({"epoch": 9, "arch": "resnet18", "args": argparse.Namespace(model="resnet18"),
-                "state_dict": model.state_dict(), "state_dict_ema": model.state_dict()}, ckpt)
+    torch.save(
+        {
+            "epoch": 9,
+            "arch": "resnet18",
+            "args": argparse.Namespace(model="resnet18"),
+            "state_dict": model.state_dict(),
+            "state_dict_ema": model.state_dict(),
+        },
+        ckpt,
+    )
     r = cli("convert", ckpt, "-q")
     assert r.exit_code == 0, r.stderr
     return model, ckpt, d / "checkpoint-9.deploy.safetensors"
@@ -100,12 +108,15 @@ def test_verify_with_real_inputs_and_labels(resnet, tmp_path):
     assert cli("verify", ckpt, deploy, "--inputs", tmp_path / "x.npy").exit_code == 0
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["{ckpt}", "{tmp}/missing.safetensors"], "no such file"),
-    (["{ckpt}", "{ckpt}"], "do not match"),  # a training file is not a deploy file of this layout
-    (["{ckpt}", "{deploy}", "--inputs", "{tmp}/nope.pt"], "no such inputs file"),
-    (["{ckpt}", "{deploy}", "--device", "cuda"], "cuda"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["{ckpt}", "{tmp}/missing.safetensors"], "no such file"),
+        (["{ckpt}", "{ckpt}"], "do not match"),  # a training file is not a deploy file of this layout
+        (["{ckpt}", "{deploy}", "--inputs", "{tmp}/nope.pt"], "no such inputs file"),
+        (["{ckpt}", "{deploy}", "--device", "cuda"], "cuda"),
+    ],
+)
 def test_verify_bad_input_exits_2(resnet, tmp_path, args, needle):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is present")
@@ -158,8 +169,18 @@ def test_convert_report_and_json_hold_the_same_facts(tmp_path):
     assert res["flops_before"] == res["flops_after"] == 2 * (8 * 27 * 256 + 32)
     assert res["after"]["bn_layers"] == 0 and res["fused"]["bn_folded"] == 1
     r = cli("convert", path, *TOY, "--force", "--resolution", "16")
-    for text in ("Parameters", "FLOPs (2 x MACs)", "BatchNorm layers", "Norm ops / forward", "-100.00%",
-                 "Weight bytes", "input 16x16", "1 BN folds", "verification: PASSED", "wrote"):
+    for text in (
+        "Parameters",
+        "FLOPs (2 x MACs)",
+        "BatchNorm layers",
+        "Norm ops / forward",
+        "-100.00%",
+        "Weight bytes",
+        "input 16x16",
+        "1 BN folds",
+        "verification: PASSED",
+        "wrote",
+    ):
         assert text in r.stdout, text
 
 
@@ -180,12 +201,15 @@ def test_bench_reports_latency_per_batch(tmp_path):
         assert r.exit_code == 2 and "no CUDA device" in r.stderr
 
 
-@pytest.mark.parametrize("family, variant, train_m, deploy_m, deploy_gmacs", [
-    ("vanillanet", "vanillanet_5", 22.33, 15.52, 5.16),
-    ("vanillanet", "vanillanet_13", 107.70, 58.59, 11.94),
-    ("repvgg", "RepVGG-A0", 9.11, 8.31, 1.36),
-    ("repvgg", "RepVGG-D2se", 133.33, 120.39, None),
-])
+@pytest.mark.parametrize(
+    "family, variant, train_m, deploy_m, deploy_gmacs",
+    [
+        ("vanillanet", "vanillanet_5", 22.33, 15.52, 5.16),
+        ("vanillanet", "vanillanet_13", 107.70, 58.59, 11.94),
+        ("repvgg", "RepVGG-A0", 9.11, 8.31, 1.36),
+        ("repvgg", "RepVGG-D2se", 133.33, 120.39, None),
+    ],
+)
 def test_report_figures_match_the_reference_tables(family, variant, train_m, deploy_m, deploy_gmacs):
     """Params (REFERENCE §1-2 tables) and the paper's deploy GMACs at 224, counted on meta tensors."""
     from repfuse_cli.fusers.repvgg import build_repvgg
@@ -207,8 +231,10 @@ def test_inspect_warns_about_unfinished_vanillanet_annealing(tmp_path):
 
     model = randomize_bn(build_vanillanet(VARIANTS["vanillanet_5"].shrink(8), deploy=False, num_classes=5))
     path = tmp_path / "checkpoint-40.pth"
-    torch.save({"model": model.state_dict(), "epoch": 40,
-                "args": argparse.Namespace(model="vanillanet_5", decay_epochs=100)}, path)
+    torch.save(
+        {"model": model.state_dict(), "epoch": 40, "args": argparse.Namespace(model="vanillanet_5", decay_epochs=100)},
+        path,
+    )
     r = cli("inspect", path, "--json")
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)

@@ -27,28 +27,65 @@ from torch.overrides import TorchFunctionMode
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, UnsafeCheckpoint
 from ..fold import bn_scale_shift, fold_bn
-from ..fuser import Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
 from ..stats import is_bn
 
 PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
 _PLAIN_FORWARDS = {
-    nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward,
-    nn.ConvTranspose1d.forward, nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward,
+    nn.Conv1d.forward,
+    nn.Conv2d.forward,
+    nn.Conv3d.forward,
+    nn.Linear.forward,
+    nn.ConvTranspose1d.forward,
+    nn.ConvTranspose2d.forward,
+    nn.ConvTranspose3d.forward,
 }
 # BN classes whose forward is exactly "normalize with running stats, then (drop, act)" in eval.
 _FOLDABLE_BN_NAMES = {
-    "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "BatchNormAct2d",
-    "SyncBatchNormAct", "FrozenBatchNorm2d", "FrozenBatchNormAct2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "BatchNormAct2d",
+    "SyncBatchNormAct",
+    "FrozenBatchNorm2d",
+    "FrozenBatchNormAct2d",
 }
 _REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 _TIMM_KWARGS = ("num_classes", "in_chans")  # the only constructor arguments a deploy file may carry
 _METADATA_ATTRS = {
-    "shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout", "is_meta", "is_sparse",
-    "is_quantized", "names", "grad_fn", "grad", "is_leaf", "is_nested",
+    "shape",
+    "dtype",
+    "device",
+    "ndim",
+    "is_cuda",
+    "requires_grad",
+    "layout",
+    "is_meta",
+    "is_sparse",
+    "is_quantized",
+    "names",
+    "grad_fn",
+    "grad",
+    "is_leaf",
+    "is_nested",
 }
 _METADATA_FUNCS = {
-    "size", "dim", "numel", "stride", "is_contiguous", "is_floating_point", "is_complex", "__len__",
-    "__format__", "__repr__", "element_size", "get_device", "nelement", "data_ptr", "storage_offset",
+    "size",
+    "dim",
+    "numel",
+    "stride",
+    "is_contiguous",
+    "is_floating_point",
+    "is_complex",
+    "__len__",
+    "__format__",
+    "__repr__",
+    "element_size",
+    "get_device",
+    "nelement",
+    "data_ptr",
+    "storage_offset",
 }
 
 
@@ -199,16 +236,16 @@ def _tensors_in(obj) -> Iterator[Tensor]:
 def _run_forward(model: nn.Module, x: Tensor, meta: bool) -> None:
     with torch.no_grad():
         if meta:
-            state = {n: torch.empty_like(t, device="meta")
-                     for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+            state = {
+                n: torch.empty_like(t, device="meta")
+                for n, t in list(model.named_parameters()) + list(model.named_buffers())
+            }
             functional_call(model, state, (x.to("meta"),))
         else:
             model(x)
 
 
-def find_pairs(
-    model: nn.Module, input_shape: tuple[int, ...]
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def find_pairs(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Return ([(producer, bn)] that fold exactly, [(bn, reason)] that do not)."""
     modules = dict(model.named_modules())
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -296,12 +333,15 @@ def apply_folds(model: nn.Module, folds: list[list[str]], compute: bool) -> None
         p, bn = model.get_submodule(producer), model.get_submodule(bn_name)
         if compute:
             scale, shift = bn_scale_shift(
-                bn.running_mean, bn.running_var, getattr(bn, "weight", None), getattr(bn, "bias", None),
-                float(bn.eps), name=bn_name,
+                bn.running_mean,
+                bn.running_var,
+                getattr(bn, "weight", None),
+                getattr(bn, "bias", None),
+                float(bn.eps),
+                name=bn_name,
             )
             transposed = isinstance(p, nn.modules.conv._ConvTransposeNd)
-            w, b = fold_bn(p.weight, p.bias, scale, shift, transposed=transposed,
-                           groups=getattr(p, "groups", 1))
+            w, b = fold_bn(p.weight, p.bias, scale, shift, transposed=transposed, groups=getattr(p, "groups", 1))
             dtype = p.weight.dtype
             p.weight = nn.Parameter(w.to(dtype), requires_grad=False)
             p.bias = nn.Parameter(b.to(dtype), requires_grad=False)
@@ -336,8 +376,9 @@ class ConvBnFuser(Fuser):
             raise BadInput(f"--model {spec}: expected timm:NAME or pkg.module:callable")
         first = next((v for k, v in sd.items() if k.endswith("weight") and v.dim() >= 3), None)
         in_chans = int(first.shape[1]) if first is not None else 3
-        return Plan("conv-bn", options.variant or spec, "custom", {"model": spec, "kwargs": {}},
-                    input_size=(in_chans, 224, 224))
+        return Plan(
+            "conv-bn", options.variant or spec, "custom", {"model": spec, "kwargs": {}}, input_size=(in_chans, 224, 224)
+        )
 
     def _timm_plan(self, name: str, sd: dict[str, Tensor], options: Options) -> Plan:
         import timm
@@ -357,13 +398,20 @@ class ConvBnFuser(Fuser):
             kwargs["in_chans"] = int(sd[f"{first_conv}.weight"].shape[1])
         size = tuple(cfg.input_size) if cfg and cfg.input_size else (3, 224, 224)
         input_size = (kwargs.get("in_chans", size[0]), size[1], size[2])
-        return Plan("conv-bn", options.variant or name, "timm", {"model": f"timm:{name}", "kwargs": kwargs},
-                    notes=notes, input_size=input_size, num_classes=kwargs.get("num_classes") or None)
+        return Plan(
+            "conv-bn",
+            options.variant or name,
+            "timm",
+            {"model": f"timm:{name}", "kwargs": kwargs},
+            notes=notes,
+            input_size=input_size,
+            num_classes=kwargs.get("num_classes") or None,
+        )
 
     def build_train(self, plan: Plan, state_dict: dict[str, Tensor]) -> nn.Module:
         return _build(plan.config, state_dict, f"{plan.config['model']}")
 
-    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module) -> Fused:
+    def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None) -> Fused:
         # All arithmetic (timm's re-parameterization included) on a float64 copy; cast once at the end.
         work = copy.deepcopy(train).to(torch.float64)
         config = dict(plan.config)
@@ -383,7 +431,8 @@ class ConvBnFuser(Fuser):
         dtype = float_dtype(state_dict)
         tensors = {
             k: (v.to(state_dict[k].dtype if k in state_dict else dtype) if v.is_floating_point() else v)
-            .detach().contiguous()
+            .detach()
+            .contiguous()
             for k, v in work.state_dict().items()
         }
         return Fused(tensors, config, counts, unfused)

@@ -62,20 +62,21 @@ class RepVGGCfg:
         if 0 in self.override_groups_map:
             raise BadInput("RepVGG: stage0 (layer 0) cannot be group-wise")
         wm = self.width_multiplier
-        widths = [min(64, int(64 * wm[0])), int(64 * wm[0]), int(128 * wm[1]), int(256 * wm[2]),
-                  int(512 * wm[3])]
+        widths = [min(64, int(64 * wm[0])), int(64 * wm[0]), int(128 * wm[1]), int(256 * wm[2]), int(512 * wm[3])]
         outs = [widths[0]] + [widths[s] for s in range(1, 5) for _ in range(self.num_blocks[s - 1])]
         if self.use_se and min(outs) < self.se_reduction:
             raise BadInput(f"RepVGG: SE needs >= {self.se_reduction} channels per block, got {min(outs)}")
-        return check_config({
-            "num_blocks": [int(n) for n in self.num_blocks],
-            "widths": widths,
-            "groups": [int(self.override_groups_map.get(i, 1)) for i in range(len(outs))],
-            "se_channels": [c // self.se_reduction if self.use_se else 0 for c in outs],
-            "use_se": bool(self.use_se),
-            "num_classes": int(self.num_classes),
-            "in_chans": int(self.in_chans),
-        })
+        return check_config(
+            {
+                "num_blocks": [int(n) for n in self.num_blocks],
+                "widths": widths,
+                "groups": [int(self.override_groups_map.get(i, 1)) for i in range(len(outs))],
+                "se_channels": [c // self.se_reduction if self.use_se else 0 for c in outs],
+                "use_se": bool(self.use_se),
+                "num_classes": int(self.num_classes),
+                "in_chans": int(self.in_chans),
+            }
+        )
 
 
 _A = (2, 4, 14, 1)
@@ -103,7 +104,7 @@ TIMM_MODELS = {n: "repvgg_" + n.split("-")[1].lower() for n in VARIANTS if "g2" 
 
 def _short(name: str) -> str:
     s = name.strip().lower().replace("-", "").replace("_", "")
-    return s[len("repvgg"):] if s.startswith("repvgg") else s
+    return s[len("repvgg") :] if s.startswith("repvgg") else s
 
 
 def lookup_variant(name: str) -> str:
@@ -117,8 +118,7 @@ def lookup_variant(name: str) -> str:
 def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Validate an explicit config (``RepVGGCfg.resolve`` / ``Plan.config``); return a plain copy."""
     try:
-        cfg = {k: config[k] for k in ("num_blocks", "widths", "groups", "se_channels", "num_classes",
-                                      "in_chans")}
+        cfg = {k: config[k] for k in ("num_blocks", "widths", "groups", "se_channels", "num_classes", "in_chans")}
     except KeyError as e:
         raise BadInput(f"RepVGG config lacks {e}") from None
     cfg = {**dict(config), **cfg}
@@ -201,17 +201,18 @@ class SqueezeExcite(nn.Module):
 
 
 def _conv_bn(cin: int, cout: int, k: int, stride: int, padding: int, groups: int) -> nn.Sequential:
-    return nn.Sequential(OrderedDict(
-        conv=nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False),
-        bn=nn.BatchNorm2d(cout),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=False),
+            bn=nn.BatchNorm2d(cout),
+        )
+    )
 
 
 class RepVGGBlock(nn.Module):
     """Train: ReLU(SE(dense(x) + 1x1(x) + identity(x))). Deploy: ReLU(SE(reparam(x)))."""
 
-    def __init__(self, cin: int, cout: int, stride: int, groups: int, se_hidden: int, deploy: bool,
-                 names: _Names):
+    def __init__(self, cin: int, cout: int, stride: int, groups: int, se_hidden: int, deploy: bool, names: _Names):
         super().__init__()
         self.deploy, self._n = deploy, names
         self.add_module(names.se, SqueezeExcite(cout, se_hidden, names) if se_hidden else nn.Identity())
@@ -258,7 +259,7 @@ class RepVGG(nn.Module):
             for i, (cin, cout, stride) in enumerate(_block_shapes(cfg))
         ]
         starts = [1 + sum(cfg["num_blocks"][:s]) for s in range(5)]
-        stages = [blocks[starts[s]:starts[s + 1]] for s in range(4)]
+        stages = [blocks[starts[s] : starts[s + 1]] for s in range(4)]
         nc, feat = cfg["num_classes"], cfg["widths"][4]
         if layout == "official":
             self.stage0 = blocks[0]
@@ -318,8 +319,10 @@ def _find_layout(sd: Mapping[str, Tensor]) -> str:
         layout = "official"
     elif "stem.conv_kxk.conv.weight" in sd and "stem.conv_1x1.conv.weight" in sd:
         layout = "timm"
-    elif "stage0.rbr_reparam.weight" in sd or ("stem.reparam_conv.weight" in sd and any(
-            k.startswith("stages.") and k.endswith(".reparam_conv.weight") for k in sd)):
+    elif "stage0.rbr_reparam.weight" in sd or (
+        "stem.reparam_conv.weight" in sd
+        and any(k.startswith("stages.") and k.endswith(".reparam_conv.weight") for k in sd)
+    ):
         raise NotThisArch("already in deploy form (`rbr_reparam`/`reparam_conv` keys, no branches): nothing to fuse")
     else:
         first = next(iter(sd), "")
@@ -343,8 +346,7 @@ def _shape(sd: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
 def read_config(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
     """The explicit config of a training state_dict, from key names and shapes only."""
     n = LAYOUTS[layout]
-    stage_re = (re.compile(r"stage([1-4])\.(\d+)\.") if layout == "official"
-                else re.compile(r"stages\.([0-3])\.(\d+)\."))
+    stage_re = re.compile(r"stage([1-4])\.(\d+)\.") if layout == "official" else re.compile(r"stages\.([0-3])\.(\d+)\.")
     offset = 0 if layout == "official" else 1
     seen: list[set[int]] = [set() for _ in range(4)]
     for k in sd:
@@ -378,7 +380,7 @@ def read_config(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
     widths = [outs[0]]
     start = 1
     for count in num_blocks:
-        stage_outs = set(outs[start:start + count])
+        stage_outs = set(outs[start : start + count])
         if len(stage_outs) != 1:
             raise KeyMismatch(
                 f"RepVGG `{prefixes[start].rsplit('.', 1)[0]}` has blocks of different widths "
@@ -388,10 +390,16 @@ def read_config(sd: Mapping[str, Tensor], layout: str) -> dict[str, Any]:
         start += count
     cls = f"{n.classifier}.weight"
     num_classes = sd[cls].shape[0] if cls in sd else 0
-    return check_config({
-        "num_blocks": num_blocks, "widths": widths, "groups": groups, "se_channels": se,
-        "num_classes": int(num_classes), "in_chans": int(in_chans),
-    })
+    return check_config(
+        {
+            "num_blocks": num_blocks,
+            "widths": widths,
+            "groups": groups,
+            "se_channels": se,
+            "num_classes": int(num_classes),
+            "in_chans": int(in_chans),
+        }
+    )
 
 
 _BACKBONE = ("num_blocks", "widths", "groups", "se_channels")
@@ -435,8 +443,9 @@ def merge_block(
     n = block._n
 
     def bn(module: nn.BatchNorm2d, what: str) -> tuple[Tensor, Tensor]:
-        return bn_scale_shift(module.running_mean, module.running_var, module.weight, module.bias, module.eps,
-                              f"{name}.{what}")
+        return bn_scale_shift(
+            module.running_mean, module.running_var, module.weight, module.bias, module.eps, f"{name}.{what}"
+        )
 
     s_d, t_d = bn(dense.bn, f"{n.dense}.bn")
     s_1, t_1 = bn(one.bn, f"{n.one}.bn")
@@ -488,19 +497,29 @@ class RepVGGFuser(Fuser):
                 config["timm_model"] = TIMM_MODELS[variant]
         recorded = _recorded_variant(ckpt.extras.get("arch"))
         if recorded and recorded != variant:
-            notes.append(f"the checkpoint records arch `{ckpt.extras['arch']}` but its tensors are "
-                         f"{variant}; the tensors were followed")
+            notes.append(
+                f"the checkpoint records arch `{ckpt.extras['arch']}` but its tensors are "
+                f"{variant}; the tensors were followed"
+            )
         if variant != CUSTOM and (config["num_classes"], config["in_chans"]) != (1000, 3):
-            notes.append(f"{variant} backbone with {config['num_classes']} classes and "
-                         f"{config['in_chans']} input channels")
+            notes.append(
+                f"{variant} backbone with {config['num_classes']} classes and {config['in_chans']} input channels"
+            )
         if not config["num_classes"]:
             notes.append("no classifier in the checkpoint: the model outputs pooled features")
         if variant == CUSTOM:
-            notes.append("custom RepVGG: strides follow RepVGG's convention (2 at stage0 and each stage's "
-                         "first block); weights do not record them")
+            notes.append(
+                "custom RepVGG: strides follow RepVGG's convention (2 at stage0 and each stage's "
+                "first block); weights do not record them"
+            )
         return Plan(
-            arch=self.name, variant=variant, layout=layout, config=config, notes=notes,
-            input_size=(config["in_chans"], 224, 224), num_classes=config["num_classes"] or None,
+            arch=self.name,
+            variant=variant,
+            layout=layout,
+            config=config,
+            notes=notes,
+            input_size=(config["in_chans"], 224, 224),
+            num_classes=config["num_classes"] or None,
         )
 
     def build_train(self, plan: Plan, state_dict: dict[str, Tensor]) -> nn.Module:

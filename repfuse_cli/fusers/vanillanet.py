@@ -362,9 +362,17 @@ def fuse_tensors(
         # of either weight, nor of their product, is ever in memory.
         so, to = _bn(sd, f"{outer}.1")
         si, ti = _bn(sd, f"{inner}.1")
-        return merge_1x1(sd[f"{outer}.0.weight"], sd.get(f"{outer}.0.bias"), sd[f"{inner}.0.weight"],
-                         sd.get(f"{inner}.0.bias"), outer_scale=so, outer_shift=to, inner_scale=si,
-                         inner_shift=ti, out_dtype=dtype)
+        return merge_1x1(
+            sd[f"{outer}.0.weight"],
+            sd.get(f"{outer}.0.bias"),
+            sd[f"{inner}.0.weight"],
+            sd.get(f"{inner}.0.bias"),
+            outer_scale=so,
+            outer_shift=to,
+            inner_scale=si,
+            inner_shift=ti,
+            out_dtype=dtype,
+        )
 
     def act(src: str, dst: str) -> None:
         nonlocal bn_folded
@@ -388,8 +396,18 @@ def fuse_tensors(
 
     # head: 1x1 conv + BN, then the 1x1 cls2 (no BN)  ->  one 1x1 conv
     si, ti = _bn(sd, "cls1.3")
-    put("cls.2", merge_1x1(sd["cls2.0.weight"], sd.get("cls2.0.bias"), sd["cls1.2.weight"], sd.get("cls1.2.bias"),
-                           inner_scale=si, inner_shift=ti, out_dtype=dtype))
+    put(
+        "cls.2",
+        merge_1x1(
+            sd["cls2.0.weight"],
+            sd.get("cls2.0.bias"),
+            sd["cls1.2.weight"],
+            sd.get("cls1.2.bias"),
+            inner_scale=si,
+            inner_shift=ti,
+            out_dtype=dtype,
+        ),
+    )
     finished("cls1.", "cls2.")
     bn_folded += 1
     chain_merges += 1
@@ -630,4 +648,3 @@ class VanillaNetFuser(Fuser):
         cfg = VanillaCfg.from_config(plan.config)
         with torch.device("meta"):
             return VanillaNetDeploy(cfg).eval()
-
