@@ -437,7 +437,9 @@ def _render_speed(sp: dict, what: str, heading: bool = True) -> list[str]:
         "layout, same values: strides (1, O, O, O) (not contiguous; an in-place conversion can leave this) / "
         "strides (I, 1, I, I) (the same bytes as the standard layout and `is_contiguous()` is True, but the strides "
         "also read as channels_last, which changes the conv kernel PyTorch runs; an einsum-based merge leaves this, "
-        "as repfuse's did before commit ca21110).",
+        "as repfuse's did before commit ca21110). `fast_layout`: the file loaded, then "
+        "`repfuse_cli.layout.fast_layout` (every 1x1 weight with strides (I, 1, I, I), the opt-in layout); "
+        "`channels_last model+input`: the file loaded, model and input in `torch.channels_last`.",
         "",
     ]
     rows = []
@@ -448,6 +450,8 @@ def _render_speed(sp: dict, what: str, heading: bool = True) -> list[str]:
                 ("file_vs_independent", "file / indep"),
                 ("independent_vs_transposed_1x1", "indep / transposed"),
                 ("independent_vs_channels_last_1x1", "indep / channels_last"),
+                ("file_vs_fast_layout", "file / fast_layout"),
+                ("file_vs_channels_last", "file / channels_last model+input"),
             ):
                 if key in s:
                     c = s[key]
