@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from repfuse_cli.errors import BadInput
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
-def _write(path, tensors, metadata=None):
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -132,8 +133,6 @@ def test_bad_input_is_one_line_exit_2(tmp_path, what):
 
 
 def test_two_conversions_of_a_sample_checkpoint_are_identical(tmp_path):
-    from pathlib import Path
-
     from repfuse_cli import convert
 
     ckpt = Path(__file__).resolve().parent.parent / "sample_checkpoints" / "repvgg_tiny.pth.tar"
