@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 import typer
 from rich.console import Console, RenderableType
@@ -23,7 +23,6 @@ from .errors import RepfuseError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Source
-    from .results import Result
 
 app = typer.Typer(
     name="repfuse",
@@ -105,7 +104,11 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-R = TypeVar("R", bound="Result")
+class _Result(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=_Result)
 
 
 def _show(result: R, json_out: bool, quiet: bool, render: Callable[[R], RenderableType]) -> None:
@@ -316,6 +319,10 @@ def bench(
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd models.")] = False,
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.", min=1)] = 10,
+    layouts: Annotated[
+        bool,
+        typer.Option("--layouts", help="Also time the deploy model's fast 1x1 layout and both models channels_last."),
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -337,9 +344,27 @@ def bench(
                 compile=compile,
                 warmup=warmup,
                 repeats=repeats,
+                layouts=layouts,
             ),  # fmt: skip
         )
         _show(result, json_out, quiet, bench_table)
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="A deploy file (.safetensors).")],
+    b: Annotated[Path, typer.Argument(help="Another deploy file, e.g. a rebuild of the first.")],
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare two deploy files tensor by tensor: exit 0 identical, 1 they differ (largest difference in ulps)."""
+    with _errors(json_out):
+        from .deploydiff import diff_files
+        from .report import diff_report
+
+        result = diff_files(a, b)
+        _show(result, json_out, quiet, diff_report)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()

@@ -81,6 +81,7 @@ def bench_file(
     compile: bool = False,
     warmup: int = 3,
     repeats: int = 10,
+    layouts: bool = False,
     **source: Any,
 ) -> BenchReport:
     """Latency of the training model (eval) against the deploy model (``repfuse bench``).
@@ -91,8 +92,9 @@ def bench_file(
     m = load_pair(Source.of(checkpoint, **source), deploy_path)
     c, h, w = m.plan.input_size
     rows = bench_models(
-        m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile, warmup=warmup, repeats=repeats
-    )
+        m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile, warmup=warmup,
+        repeats=repeats, layouts=layouts,
+    )  # fmt: skip
     return BenchReport(
         checkpoint=str(m.ckpt.path),
         deploy=str(deploy_path) if deploy_path else "(fused in memory)",

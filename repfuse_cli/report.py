@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .deploydiff import DiffResult
     from .registry import FuserInfo
     from .results import BenchReport, ConversionResult, InspectReport, VerifyReport
     from .stats import ModelStats
@@ -193,3 +194,25 @@ def bench_table(r: BenchReport) -> Table:
     for row in r.rows:
         t.add_row(str(row.batch), row.mode, f"{row.train_ms:.3f}", f"{row.deploy_ms:.3f}", f"{row.speedup:.2f}x")
     return t
+
+
+def diff_report(r: DiffResult) -> Group:
+    parts: list[Any] = [Text(r.summary(), style="bold green" if r.identical else "bold red")]
+    if r.differing or r.mismatched or r.only_in_a or r.only_in_b:
+        t = Table(title=f"A: {r.a}\nB: {r.b}", title_justify="left")
+        for col in ("tensor", "dtype", "shape", "elements differing", "max ulps", "max abs diff"):
+            t.add_column(col, justify="left" if col == "tensor" else "right")
+        for d in sorted(r.differing, key=lambda d: -d.max_ulps)[:20]:
+            t.add_row(
+                d.key, d.dtype, str(list(d.shape)), f"{d.differing:,}", f"{d.max_ulps:,}", f"{d.max_abs_diff:.3g}"
+            )
+        for m in r.mismatched[:10]:
+            t.add_row(str(m["key"]), "", "", f"A {m['a']} vs B {m['b']}", "", "")
+        for k in r.only_in_a[:10]:
+            t.add_row(k, "", "", "only in A", "", "")
+        for k in r.only_in_b[:10]:
+            t.add_row(k, "", "", "only in B", "", "")
+        parts.append(t)
+    if r.metadata_differs:
+        parts.append(Text(f"metadata differs (not compared): {', '.join(r.metadata_differs)}", style="dim"))
+    return Group(*parts)
