@@ -86,6 +86,40 @@ def test_fold_matches_unfused_for_random_conv_bn(c):
     assert rel_diff(ref, out) < tol
 
 
+class _BnThen(nn.Module):
+    def __init__(self, bn: nn.Module, layer: nn.Module):
+        super().__init__()
+        self.bn, self.layer = bn, layer
+
+    def forward(self, x):
+        return self.layer(self.bn(x))
+
+
+@settings(max_examples=40, deadline=None)
+@given(conv_cfg, st.booleans())
+def test_fold_into_the_next_linear_or_unpadded_conv_matches_unfused(c, linear):
+    """BN -> Linear, and BN -> conv without padding (any kernel, stride, dilation, groups): exact."""
+    torch.manual_seed(c["seed"])
+    g = c["groups"]
+    cin, cout = c["cin_per_group"] * g, c["cout_per_group"] * g
+    if linear:
+        layer, bn, shape = nn.Linear(cin, cout, bias=c["bias"]), nn.BatchNorm1d(cin, eps=c["eps"]), (3, cin)
+    else:
+        cls = [nn.Conv1d, nn.Conv2d, nn.Conv3d][c["dims"] - 1]
+        kw = dict(stride=c["stride"], dilation=c["dilation"], groups=g, bias=c["bias"])
+        layer = cls(cin, cout, c["k"], padding=0, **kw)
+        bn = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d][c["dims"] - 1](cin, eps=c["eps"], affine=c["affine"])
+        shape = (2, cin, *([7] * c["dims"]))
+    model = randomize_bn(_BnThen(bn, layer), seed=c["seed"]).double().eval()
+    work = copy.deepcopy(model)
+    folds = find_folds(work, shape)
+    assert folds.before == [("bn", "layer")] and folds.after == [] and folds.unfused == []
+    apply_folds(work, [], compute=True, before=folds.before)
+    x = torch.randn(shape, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_diff(model(x), work(x)) < 1e-12
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)])
 def test_half_precision_folds_in_float64_and_keeps_dtype(dtype, tol):
     torch.manual_seed(0)
