@@ -563,3 +563,15 @@ def test_new_fold_kinds_in_a_config_are_vetted():
     for bad in ({"folds_concat": [["a", "bn"]]}, {"folds_concat": [[[], "bn"]]}, {"folds_into_next": [["bn"]]}):
         with pytest.raises(BadInput):
             fuser.check_config(Plan("conv-bn", "x", "timm", {**good, **bad}), None, "f")
+
+
+def test_pre_activation_with_an_in_place_relu_keeps_its_reason():
+    """torchvision's DenseNet: BN -> ReLU(inplace=True) -> conv. The in-place ReLU gives the conv
+    the same tensor object the BN returned: it must not pass for the BN's only consumer."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 1), nn.Flatten()
+    )
+    model = randomize_bn(model, seed=11).eval()
+    fused, folds = fold_all(model, (1, 3, 6, 6))
+    assert len(folds) == 0 and [n for n, _ in folds.unfused] == ["2"]
+    assert "pre-activation" in folds.unfused[0][1] and "relu" in folds.unfused[0][1]

@@ -56,6 +56,10 @@ _FOLDABLE_BN_NAMES = {
     "FrozenBatchNormAct2d",
 }
 _CAT_OPS = {"cat", "concat", "concatenate"}
+_ACTIVATION_OPS = {
+    "relu", "relu6", "leaky_relu", "prelu", "rrelu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "sigmoid", "tanh", "softplus", "threshold",
+}  # fmt: skip
 _REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 _TIMM_KWARGS = ("num_classes", "in_chans")  # the only constructor arguments a deploy file may carry
 _METADATA_ATTRS = {
@@ -498,15 +502,16 @@ def _fold_before(
     uses = trace.uses.get(id(y), []) if y is not None else []
     if y is None or not uses:
         return None, "its output is not used by a layer"
+    ops = trace.use_ops.get(id(y), [])
+    act_op = next((op for op in ops if op.rstrip("_") in _ACTIVATION_OPS), None)
+    if act_op:  # in place (torchvision's ReLU(inplace=True)) or not: the layer after sees the activation
+        return None, f"pre-activation: its output goes through `{act_op}` before any conv/linear"
     if len(uses) > 1:
         return None, f"its output has {len(uses)} users"
     consumer = uses[0]
     c = modules.get(consumer)
     if not isinstance(c, PRODUCERS) or trace.layer_input.get(consumer) is not y:
-        op = trace.use_ops.get(id(y), ["?"])[0]
-        if op in ("relu", "relu_", "gelu", "silu", "silu_", "hardswish", "hardswish_", "sigmoid", "leaky_relu"):
-            return None, f"pre-activation: its output goes through `{op}` before any conv/linear"
-        return None, f"its output goes to `{op}`, not straight into a linear or unpadded conv"
+        return None, f"its output goes to `{ops[0] if ops else '?'}`, not straight into a linear or unpadded conv"
     why = _plain_layer(consumer, c, trace)
     if why:
         return None, why
