@@ -444,9 +444,11 @@ def test_timm_fuse_builds_its_new_layers_in_float64():
         assert rel_diff(model(x), work(x)) < 1e-12
 
 
-def test_efficientvit_m_converts(tmp_path):
-    ckpt = tmp_path / "evit.pth.tar"
-    save_like_timm_train("efficientvit_m0", ckpt)
+@pytest.mark.parametrize("name", ["efficientvit_m0", "levit_128s"])
+def test_timm_nets_whose_fuse_builds_layers_convert(name, tmp_path):
+    """Their fuse() makes new layers (float64 now); LeViT's classifier is two heads (head, head_dist)."""
+    ckpt = tmp_path / "vit.pth.tar"
+    save_like_timm_train(name, ckpt)
     r = runner.invoke(app, ["convert", str(ckpt), "--json"])
     assert r.exit_code == 0, r.stderr
     res = json.loads(r.stdout)
