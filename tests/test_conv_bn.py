@@ -98,7 +98,9 @@ class _BnThen(nn.Module):
 @settings(max_examples=40, deadline=None)
 @given(conv_cfg, st.booleans())
 def test_fold_into_the_next_linear_or_unpadded_conv_matches_unfused(c, linear):
-    """BN -> Linear, and BN -> conv without padding (any kernel, stride, dilation, groups): exact."""
+    """BN -> Linear, and BN -> conv without zero padding (any kernel, stride, dilation, groups,
+    reflect/replicate/circular padding): exact. Zero padding reads 0 where the BN would give its
+    shift: not folded."""
     torch.manual_seed(c["seed"])
     g = c["groups"]
     cin, cout = c["cin_per_group"] * g, c["cout_per_group"] * g
@@ -107,12 +109,15 @@ def test_fold_into_the_next_linear_or_unpadded_conv_matches_unfused(c, linear):
     else:
         cls = [nn.Conv1d, nn.Conv2d, nn.Conv3d][c["dims"] - 1]
         kw = dict(stride=c["stride"], dilation=c["dilation"], groups=g, bias=c["bias"])
-        layer = cls(cin, cout, c["k"], padding=0, **kw)
+        layer = cls(cin, cout, c["k"], padding=c["padding"], padding_mode=c["padding_mode"], **kw)
         bn = [nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d][c["dims"] - 1](cin, eps=c["eps"], affine=c["affine"])
         shape = (2, cin, *([7] * c["dims"]))
     model = randomize_bn(_BnThen(bn, layer), seed=c["seed"]).double().eval()
     work = copy.deepcopy(model)
     folds = find_folds(work, shape)
+    if not linear and c["padding"] and c["padding_mode"] == "zeros":
+        assert folds.before == [] and "inexact at the borders" in dict(folds.unfused)["bn"]
+        return
     assert folds.before == [("bn", "layer")] and folds.after == [] and folds.unfused == []
     apply_folds(work, [], compute=True, before=folds.before)
     x = torch.randn(shape, dtype=torch.float64)
@@ -577,3 +582,11 @@ def test_pre_activation_with_an_in_place_relu_keeps_its_reason():
     fused, folds = fold_all(model, (1, 3, 6, 6))
     assert len(folds) == 0 and [n for n, _ in folds.unfused] == ["2"]
     assert "pre-activation" in folds.unfused[0][1] and "relu" in folds.unfused[0][1]
+
+
+def test_bn_before_a_same_padded_timm_conv_stays():
+    from timm.layers import Conv2dSame
+
+    model = randomize_bn(nn.Sequential(nn.BatchNorm2d(4), Conv2dSame(4, 4, 3, stride=2)), seed=12).eval()
+    fused, folds = fold_all(model, (1, 4, 7, 7))
+    assert len(folds) == 0 and "pads with zeros" in dict(folds.unfused)["0"]

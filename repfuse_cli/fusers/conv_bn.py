@@ -220,7 +220,7 @@ def _modules_by_id(model: nn.Module) -> dict[int, str]:
 class _DataflowTrace(TorchFunctionMode):
     """Records, for every tensor, which module produced it and who used it, during one forward."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.names = _modules_by_id(model)
         self.stack: list[str] = []
@@ -263,7 +263,9 @@ class _DataflowTrace(TorchFunctionMode):
             self.bn_output[name] = out
             self.keep.append(out)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_function__(
+        self, func: Callable[..., Any], types: tuple[type, ...], args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name == "__get__":
@@ -522,7 +524,10 @@ def _fold_before(
             return None, f"it normalizes a {y.dim()}-D input of `{consumer}`, not the linear's features"
         cin = c.in_features
     else:
-        if c.padding != "valid" and any(c.padding):
+        if type(c).__name__ == "Conv2dSame":  # pads with zeros inside its forward ("same" padding)
+            return None, f"its output feeds `{consumer}`, which pads with zeros (inexact at the borders)"
+        # Reflect/replicate/circular padding repeats real inputs, which carry the BN's affine: exact.
+        if c.padding_mode == "zeros" and c.padding != "valid" and any(c.padding):
             return None, (
                 f"its output feeds `{consumer}`, a padded conv: the padding reads zeros where the unfolded "
                 "model reads the BN's shift, so a fold into it is inexact at the borders"
