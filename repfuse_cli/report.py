@@ -112,6 +112,8 @@ def conversion_report(r: ConversionResult) -> Group:
         "branch_merges": "branch merges",
         "chain_merges": "1x1 chain merges",
         "timm_reparameterized": "modules re-parameterized by timm",
+        "bn_folded_across_concat": "of them across a concat",
+        "bn_folded_into_next": "of them into the next layer",
     }
     parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in r.fused.items())))
     if r.unfused:
