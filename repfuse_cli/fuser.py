@@ -123,6 +123,10 @@ class Fuser(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    # True on the instances `--arch auto` tries (``registry.all_fusers`` sets it), False on one
+    # the user named. A fuser may decline under auto what it converts only when named (e.g. a
+    # timm layout that auto leaves to conv-bn).
+    auto: bool = False
 
     @abstractmethod
     def detect(self, ckpt: Checkpoint, options: Options) -> Plan:

@@ -31,6 +31,10 @@ BUILTIN: dict[str, tuple[str, str]] = {
         "repfuse_cli.fusers.repvgg:RepVGGFuser",
         "RepVGG (DingXiaoH and timm layouts): 3x3 + 1x1 + identity branches into one 3x3, SE kept",
     ),
+    "mobileone": (
+        "repfuse_cli.fusers.mobileone:MobileOneFuser",
+        "MobileOne (apple/ml-mobileone and timm layouts): S0-S4, conv/scale/skip branches into one conv, SE kept",
+    ),
     "conv-bn": (
         "repfuse_cli.fusers.conv_bn:ConvBnFuser",
         "Any network (timm:NAME or pkg.module:callable): fold every BatchNorm into the conv/linear feeding it",
@@ -98,5 +102,8 @@ def get_fuser(name: str):
 
 
 def all_fusers():
-    """Instances of every fuser, in auto-detection order (built-ins first)."""
-    return [get_fuser(i.name) for i in list_fusers()]
+    """Instances of every fuser, in auto-detection order (built-ins first), marked ``auto``."""
+    fusers = [get_fuser(i.name) for i in list_fusers()]
+    for fuser in fusers:
+        fuser.auto = True
+    return fusers
