@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, KeyMismatch
 from ..fold import add_centered, fold_bn, identity_kernel
-from ..fuser import Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import IMAGENET_MEAN, IMAGENET_STD, Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan
 from .mobileone import (
     OFFICIAL_BLOCK,
     TIMM_FASTVIT_BLOCK,
@@ -218,7 +218,7 @@ def _conv_bn(cin: int, cout: int, k: int, stride: int, groups: int) -> nn.Sequen
 class LayerScale(nn.Module):
     """timm's LayerScale2d-style holder: ``x * gamma`` with ``gamma`` of shape (dim, 1, 1)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.ones(dim, 1, 1))
 
@@ -244,15 +244,14 @@ def _scale(module: nn.Module, name: str) -> Tensor | None:
 class RepMixer(nn.Module):
     """Train: ``x + ls * (mixer(x) - norm(x))``. Deploy: one depthwise conv ``reparam_conv``."""
 
-    def __init__(self, dim: int, k: int, layer_scale: bool, deploy: bool, names: _Names):
+    def __init__(self, dim: int, k: int, layer_scale: bool, deploy: bool, names: _Names) -> None:
         super().__init__()
         self.dim, self.k, self.deploy = dim, k, deploy
         if deploy:
             self.reparam_conv = nn.Conv2d(dim, dim, k, 1, k // 2, groups=dim, bias=True)
             return
-        common = {"act": "none", "names": names.block}
-        self.norm = MobileOneBlock(dim, dim, k, 1, dim, branches=0, scale=False, **common)
-        self.mixer = MobileOneBlock(dim, dim, k, 1, dim, branches=1, scale=True, **common)
+        self.norm = MobileOneBlock(dim, dim, k, 1, dim, branches=0, scale=False, act="none", names=names.block)
+        self.mixer = MobileOneBlock(dim, dim, k, 1, dim, branches=1, scale=True, act="none", names=names.block)
         if layer_scale:
             _add_scale(self, "layer_scale", dim, names)
 
@@ -267,7 +266,7 @@ class RepMixer(nn.Module):
 class ConvFFN(nn.Module):
     """depthwise 7x7 conv + BN -> 1x1 -> GELU -> 1x1 (kept as is in deploy)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.conv = _conv_bn(dim, dim, FFN_KERNEL, 1, dim)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
@@ -281,7 +280,7 @@ class ConvFFN(nn.Module):
 class MHSA(nn.Module):
     """Multi-head self attention over the H*W positions (qkv and proj are Linear layers)."""
 
-    def __init__(self, dim: int, head_dim: int, qkv_bias: bool):
+    def __init__(self, dim: int, head_dim: int, qkv_bias: bool) -> None:
         super().__init__()
         self.head_dim, self.heads = head_dim, dim // head_dim
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -297,7 +296,7 @@ class MHSA(nn.Module):
 
 
 class RepMixerBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], deploy: bool, names: _Names):
+    def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], deploy: bool, names: _Names) -> None:
         super().__init__()
         self.token_mixer = RepMixer(dim, cfg["repmixer_kernel_size"], cfg["layer_scale"], deploy, names)
         self._ffn = names.ffn
@@ -313,7 +312,7 @@ class RepMixerBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], names: _Names):
+    def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], names: _Names) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(dim)
         self.token_mixer = MHSA(dim, cfg["head_dim"], cfg["qkv_bias"])
@@ -336,7 +335,7 @@ class LargeKernelConv(nn.Module):
     """Train: ``bn(conv_kxk(x)) + bn(conv_3x3(x))`` (no activation, as the official forward
     computes). Deploy: one conv with bias."""
 
-    def __init__(self, cin: int, cout: int, k: int, small: int, stride: int, deploy: bool, names: _Names):
+    def __init__(self, cin: int, cout: int, k: int, small: int, stride: int, deploy: bool, names: _Names) -> None:
         super().__init__()
         self.cin, self.cout, self.k, self.small, self.stride, self.deploy = cin, cout, k, small, stride, deploy
         self._large, self._reparam = names.large, names.large_reparam
@@ -353,7 +352,7 @@ class LargeKernelConv(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cin: int, cout: int, cfg: Mapping[str, Any], deploy: bool, names: _Names):
+    def __init__(self, cin: int, cout: int, cfg: Mapping[str, Any], deploy: bool, names: _Names) -> None:
         super().__init__()
         large = LargeKernelConv(cin, cout, cfg["down_patch_size"], cfg["down_small_kernel"], _STRIDE, deploy, names)
         block = MobileOneBlock(cout, cout, 1, 1, 1, act="gelu", deploy=deploy, names=names.block)
@@ -366,7 +365,7 @@ class PatchEmbed(nn.Module):
 class RepCPE(nn.Module):
     """Train: ``pe(x) + x`` (depthwise conv with bias). Deploy: one depthwise conv."""
 
-    def __init__(self, dim: int, k: int, deploy: bool, names: _Names):
+    def __init__(self, dim: int, k: int, deploy: bool, names: _Names) -> None:
         super().__init__()
         self.dim, self.k, self.deploy = dim, k, deploy
         self._pe = "reparam_conv" if deploy else names.pe
@@ -378,7 +377,7 @@ class RepCPE(nn.Module):
 
 
 class _TimmStage(nn.Module):
-    def __init__(self, downsample: nn.Module | None, pos_emb: nn.Module | None, blocks: nn.Sequential):
+    def __init__(self, downsample: nn.Module | None, pos_emb: nn.Module | None, blocks: nn.Sequential) -> None:
         super().__init__()
         if downsample is not None:
             self.downsample = downsample
@@ -393,19 +392,23 @@ class FastViT(nn.Module):
     ``deploy=True`` builds the official inference-mode form directly.
     """
 
-    def __init__(self, config: Mapping[str, Any], deploy: bool = False, layout: str = "official"):
+    def __init__(self, config: Mapping[str, Any], deploy: bool = False, layout: str = "official") -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise BadInput(f"unknown FastViT layout `{layout}` (known: {', '.join(LAYOUTS)})")
         cfg = check_config(config)
         n = LAYOUTS[layout]
         self.layout, self.deploy = layout, deploy
-        dims, gelu = cfg["embed_dims"], {"act": "gelu", "deploy": deploy, "names": n.block}
+        dims = cfg["embed_dims"]
         d0 = dims[0]
+
+        def gelu_block(cin: int, cout: int, k: int, stride: int, groups: int, se: int = 0) -> MobileOneBlock:
+            return MobileOneBlock(cin, cout, k, stride, groups, se_hidden=se, act="gelu", deploy=deploy, names=n.block)
+
         stem = nn.Sequential(
-            MobileOneBlock(cfg["in_chans"], d0, 3, _STRIDE, 1, **gelu),
-            MobileOneBlock(d0, d0, 3, _STRIDE, d0, **gelu),
-            MobileOneBlock(d0, d0, 1, 1, 1, **gelu),
+            gelu_block(cfg["in_chans"], d0, 3, _STRIDE, 1),
+            gelu_block(d0, d0, 3, _STRIDE, d0),
+            gelu_block(d0, d0, 1, 1, 1),
         )
         order: list[nn.Module] = [stem]
         network: list[nn.Module] = []
@@ -425,27 +428,30 @@ class FastViT(nn.Module):
             network += parts
             order += parts
             timm_stages.append(_TimmStage(down, pos, blocks))
-        exp = MobileOneBlock(dims[-1], cfg["exp_dim"], 3, 1, dims[-1], se_hidden=cfg["se_hidden"], **gelu)
+        exp = gelu_block(dims[-1], cfg["exp_dim"], 3, 1, dims[-1], cfg["se_hidden"])
         head = nn.Linear(cfg["exp_dim"], cfg["num_classes"]) if cfg["num_classes"] else None
         if layout == "official":
             self.patch_embed = stem
             self.network = nn.ModuleList(network)
             self.conv_exp = exp
             if head is not None:
-                self.head = head
+                self.add_module("head", head)
         else:
             self.stem = stem
             self.stages = nn.Sequential(*timm_stages)
             self.final_conv = exp
-            self.head = nn.ModuleDict({"fc": head} if head is not None else {})
-        self._order = order + [exp]  # a plain list: forward order, not registered twice
-        self.__dict__["_head"] = head  # registered above under its layout's name only
+            self.add_module("head", nn.ModuleDict({"fc": head} if head is not None else {}))
+        # Plain lists, not registered twice: the forward order and the classifier.
+        self._order: list[nn.Module] = [*order, exp]
+        self._classifier: list[nn.Module] = [head] if head is not None else []
 
     def forward(self, x: Tensor) -> Tensor:
         for m in self._order:
             x = m(x)
         x = torch.flatten(x.mean((2, 3)), 1)
-        return self._head(x) if self._head is not None else x
+        for head in self._classifier:
+            x = head(x)
+        return x
 
 
 def build_fastvit(variant: str | Mapping[str, Any], deploy: bool = False, **overrides: Any) -> FastViT:
@@ -564,7 +570,11 @@ def read_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         raise KeyMismatch(f"FastViT `network` entries are not numbered 0..N-1: {sorted(slots)[:8]}")
     cfg: dict[str, Any] = {k: [] for k in ("layers", "embed_dims", "mlp_hidden", "token_mixers", "pos_embs")}
     cfg["downsamples"] = []
-    kernels, qkv_bias, scales, down_k, small_k = set(), set(), set(), set(), set()
+    kernels: set[int] = set()
+    down_k: set[int] = set()
+    small_k: set[int] = set()
+    qkv_bias: set[bool] = set()
+    scales: set[bool] = set()
     pending_down, pending_pos = False, 0
     for i in range(len(slots)):
         kind, p = slots[i], f"network.{i}"
@@ -609,9 +619,9 @@ def read_config(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     for what, found in (("layer scales", scales), ("qkv biases", qkv_bias)):
         if len(found) > 1:
             raise KeyMismatch(f"FastViT checkpoint has {what} on some blocks only")
-    for what, found in (("RepMixer kernel", kernels), ("patch-embedding kernel", down_k), ("small kernel", small_k)):
-        if len(found) > 1:
-            raise KeyMismatch(f"FastViT checkpoint mixes {what} sizes {sorted(found)}")
+    for what, sizes in (("RepMixer kernel", kernels), ("patch-embedding kernel", down_k), ("small kernel", small_k)):
+        if len(sizes) > 1:
+            raise KeyMismatch(f"FastViT checkpoint mixes {what} sizes {sorted(sizes)}")
     exp = _shape(shapes, "conv_exp.rbr_conv.0.conv.weight")
     se = shapes.get("conv_exp.se.reduce.weight", (0,))
     cfg.update(
@@ -701,10 +711,14 @@ class FastViTFuser(Fuser):
             shapes = {names[k]: tuple(v.shape) for k, v in sd.items()}
         else:
             shapes = {k: tuple(v.shape) for k, v in sd.items()}
+        if layout == "timm" and self.auto:  # before anything can fail: auto must move on to conv-bn
+            try:
+                name = TIMM_MODELS.get(match_variant(read_config(shapes)))
+            except (BadInput, KeyMismatch, NotThisArch):
+                name = None
+            timm_layout_under_auto(self, "FastViT", name)
         config = read_config(shapes)
         variant = match_variant(config)
-        if layout == "timm":
-            timm_layout_under_auto(self, "FastViT", TIMM_MODELS.get(variant))
         with torch.device("meta"):
             expected = FastViT(config, deploy=False, layout=layout).state_dict()
         foreign = [k for k in sd if k not in expected]
@@ -841,13 +855,13 @@ class FastViTFuser(Fuser):
             used.append("mean/std")
         if used:
             source += f", {', '.join(used)} from the checkpoint's args"
-        extra = {} if mean is None else {"mean": mean, "std": std}
         return EvalTransform(
             size=size,
             interpolation=interp,
             crop_pct=crop,
+            mean=IMAGENET_MEAN if mean is None else mean,
+            std=IMAGENET_STD if std is None else std,
             source=f"{source} (resize {round(size / crop)}, center crop {size}, {interp})",
-            **extra,
         )
 
 

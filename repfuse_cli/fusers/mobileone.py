@@ -73,7 +73,7 @@ def activation(name: str) -> nn.Module:
 class SqueezeExcite(nn.Module):
     """MobileOne's SE: global average pool -> 1x1 down -> ReLU -> 1x1 up -> sigmoid -> scale."""
 
-    def __init__(self, channels: int, hidden: int, names: BlockNames):
+    def __init__(self, channels: int, hidden: int, names: BlockNames) -> None:
         super().__init__()
         self._down, self._up = names.se_down, names.se_up
         self.add_module(names.se_down, nn.Conv2d(channels, hidden, 1, bias=True))
@@ -115,7 +115,7 @@ class MobileOneBlock(nn.Module):
         act: str = "relu",
         deploy: bool = False,
         names: BlockNames = OFFICIAL_BLOCK,
-    ):
+    ) -> None:
         super().__init__()
         self.cin, self.cout, self.k, self.stride, self.groups = cin, cout, k, stride, groups
         self.deploy, self._n = deploy, names
@@ -316,7 +316,7 @@ class MobileOne(nn.Module):
     ``deploy=True`` builds the deploy form directly (one conv with bias per block).
     """
 
-    def __init__(self, config: Mapping[str, Any], deploy: bool = False, layout: str = "official"):
+    def __init__(self, config: Mapping[str, Any], deploy: bool = False, layout: str = "official") -> None:
         super().__init__()
         if layout not in LAYOUTS:
             raise BadInput(f"unknown MobileOne layout `{layout}` (known: {', '.join(LAYOUTS)})")
@@ -543,10 +543,14 @@ class MobileOneFuser(Fuser):
     def detect(self, ckpt: Checkpoint, options: Options) -> Plan:
         sd = ckpt.state_dict
         layout = find_layout(sd)
+        if layout == "timm" and self.auto:  # before anything can fail: auto must move on to conv-bn
+            try:
+                name = TIMM_MODELS.get(match_variant(read_config(sd, layout)))
+            except (BadInput, KeyMismatch):
+                name = None
+            timm_layout_under_auto(self, "MobileOne", name)
         config = read_config(sd, layout)
         variant = match_variant(config)
-        if layout == "timm":
-            timm_layout_under_auto(self, "MobileOne", TIMM_MODELS.get(variant))
         notes: list[str] = []
         if options.variant:
             wanted = lookup_variant(options.variant)
