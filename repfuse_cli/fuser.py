@@ -41,6 +41,7 @@ class Options:
     variant: str | None = None  # override the detected variant
     model: str | None = None  # conv-bn: "timm:NAME" or "pkg.module:callable"
     assume_annealed: bool = False  # VanillaNet: go on although records say annealing is unfinished
+    extra_folds: bool = False  # FastViT: also fold what the official deploy model keeps (load_deploy only)
 
 
 @dataclass

@@ -412,3 +412,42 @@ def test_eval_transform():
     args = {"args": {"crop_pct": 0.875, "input_size": None, "img_size": 224, "interpolation": "bilinear"}}
     t = FUSER.eval_transform(plan, ckpt_of({}, args))
     assert (t.size, t.interpolation, t.crop_pct) == (224, "bilinear", 0.875) and "args" in t.source
+
+
+# --------------------------------------------------------------------------- extra folds (optional)
+
+
+@pytest.mark.parametrize("variant, layout", [("FastViT-SA12", "official"), ("FastViT-T8", "timm")])
+def test_extra_folds_leave_no_batchnorm_or_layer_scale(variant, layout):
+    model = small(variant, layout=layout)
+    sd = model.state_dict()
+    plan, _, fused, deploy = fuse_state(sd, options=Options(extra_folds=True))
+    assert plan.config["extra_folds"] is True and plan.layout == layout
+    assert any("load_deploy" in n for n in plan.notes)
+    assert not any("running_var" in k or "layer_scale" in k for k in fused.tensors)
+    assert [m for m, _ in fused.unfused] == [f"{'conv_exp' if layout == 'official' else 'final_conv'}.se"]
+    ffn, attn, scales = _expected_unfused(plan.config)
+    assert fused.counts["layer_scales_folded"] == scales
+    default = fuse_state(sd)[2]
+    assert fused.counts["bn_folded"] == default.counts["bn_folded"] + ffn + attn
+    assert len(fused.tensors) < len(default.tensors)
+    x = x_in()
+    with torch.no_grad():
+        assert rel_diff(model(x), deploy(x)) < 1e-5
+    back = Plan.from_metadata(plan.with_config(fused.config).to_metadata())
+    rebuilt = load_strict(FUSER.build_deploy(back), fused.tensors, "rebuilt")
+    with torch.no_grad():
+        assert rel_diff(model(x), rebuilt(x)) < 1e-5
+
+
+def test_extra_folds_through_convert_and_load_deploy(tmp_path):
+    from repfuse_cli import convert, load_deploy
+
+    model = small("FastViT-SA12")
+    src = tmp_path / "sa12.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "arch": "fastvit_sa12"}, src)
+    res = convert(src, tmp_path / "sa12.safetensors", arch="auto", options=Options(extra_folds=True), resolution=64)
+    assert (res["arch"], res["layout"]) == ("fastvit", "official") and res["verify"]["passed"]
+    x = x_in()
+    with torch.no_grad():
+        assert rel_diff(model(x), load_deploy(res["output"])(x)) < 1e-5

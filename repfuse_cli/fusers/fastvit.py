@@ -189,6 +189,7 @@ def check_config(config: Mapping[str, Any]) -> dict[str, Any]:
         and ints([cfg[k] for k in ("repmixer_kernel_size", "down_patch_size", "down_small_kernel", "head_dim")])
         and ints([cfg["exp_dim"], cfg["in_chans"]])
         and ints([cfg["se_hidden"], cfg["num_classes"]], low=0)
+        and type(cfg.get("extra_folds", False)) is bool
     )
     if not ok:
         raise BadInput("FastViT config is not one repfuse writes (stage lists of unequal length or bad values)")
@@ -264,11 +265,16 @@ class RepMixer(nn.Module):
 
 
 class ConvFFN(nn.Module):
-    """depthwise 7x7 conv + BN -> 1x1 -> GELU -> 1x1 (kept as is in deploy)."""
+    """depthwise 7x7 conv + BN -> 1x1 -> GELU -> 1x1 (kept as is in deploy; ``folded``: the
+    BN folded into the depthwise conv, which then has a bias)."""
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, folded: bool = False) -> None:
         super().__init__()
-        self.conv = _conv_bn(dim, dim, FFN_KERNEL, 1, dim)
+        if folded:
+            conv = nn.Conv2d(dim, dim, FFN_KERNEL, 1, FFN_KERNEL // 2, groups=dim, bias=True)
+            self.conv = nn.Sequential(OrderedDict(conv=conv))
+        else:
+            self.conv = _conv_bn(dim, dim, FFN_KERNEL, 1, dim)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.act = nn.GELU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
@@ -295,13 +301,19 @@ class MHSA(nn.Module):
         return t.transpose(1, 2).reshape(b, c, h, w)
 
 
+def _extra(cfg: Mapping[str, Any], deploy: bool) -> bool:
+    """Whether this deploy model also has the folds the official one cannot hold."""
+    return deploy and bool(cfg.get("extra_folds", False))
+
+
 class RepMixerBlock(nn.Module):
     def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], deploy: bool, names: _Names) -> None:
         super().__init__()
+        extra = _extra(cfg, deploy)
         self.token_mixer = RepMixer(dim, cfg["repmixer_kernel_size"], cfg["layer_scale"], deploy, names)
         self._ffn = names.ffn
-        self.add_module(names.ffn, ConvFFN(dim, hidden))
-        if cfg["layer_scale"]:
+        self.add_module(names.ffn, ConvFFN(dim, hidden, extra))
+        if cfg["layer_scale"] and not extra:
             _add_scale(self, "layer_scale", dim, names)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -312,13 +324,14 @@ class RepMixerBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], names: _Names) -> None:
+    def __init__(self, dim: int, hidden: int, cfg: Mapping[str, Any], names: _Names, deploy: bool = False) -> None:
         super().__init__()
-        self.norm = nn.BatchNorm2d(dim)
-        self.token_mixer = MHSA(dim, cfg["head_dim"], cfg["qkv_bias"])
+        extra = _extra(cfg, deploy)
+        self.norm: nn.Module = nn.Identity() if extra else nn.BatchNorm2d(dim)  # extra: folded into qkv
+        self.token_mixer = MHSA(dim, cfg["head_dim"], cfg["qkv_bias"] or extra)
         self._ffn = names.ffn
-        self.add_module(names.ffn, ConvFFN(dim, hidden))
-        if cfg["layer_scale"]:
+        self.add_module(names.ffn, ConvFFN(dim, hidden, extra))
+        if cfg["layer_scale"] and not extra:
             _add_scale(self, "layer_scale_1", dim, names)
             _add_scale(self, "layer_scale_2", dim, names)
 
@@ -420,7 +433,7 @@ class FastViT(nn.Module):
                 *(
                     RepMixerBlock(dims[i], cfg["mlp_hidden"][i], cfg, deploy, n)
                     if cfg["token_mixers"][i] == "repmixer"
-                    else AttentionBlock(dims[i], cfg["mlp_hidden"][i], cfg, n)
+                    else AttentionBlock(dims[i], cfg["mlp_hidden"][i], cfg, n, deploy)
                     for _ in range(depth)
                 )
             )
@@ -688,6 +701,36 @@ def fold_cpe(m: RepCPE) -> tuple[Tensor, Tensor]:
     return kernel, conv.bias.detach().to(torch.float64)
 
 
+def fold_extra(block: RepMixerBlock | AttentionBlock, name: str, n: _Names, put: Any) -> int:
+    """The folds the official inference-mode model cannot hold, for one block (``put(key, tensor)``
+    receives float64 tensors): the FFN's BN into its depthwise conv (which gains a bias), the FFN's
+    layer scale into ``fc2``, and for attention the ``norm`` BN into ``qkv`` (a per-channel affine map
+    of the Linear's input: exact, no padding) and ``layer_scale_1`` into ``proj``. Returns the BNs folded."""
+    f64 = torch.float64
+    ffn = getattr(block, n.ffn)
+    p = f"{name}.{n.ffn}"
+    s, t = bn_of(ffn.conv.bn, f"{p}.conv.bn")
+    w, b = fold_bn(ffn.conv.conv.weight, None, s, t)
+    put(f"{p}.conv.conv.weight", w)
+    put(f"{p}.conv.conv.bias", b)
+    ls = _scale(block, "layer_scale" if isinstance(block, RepMixerBlock) else "layer_scale_2")
+    g = torch.ones(ffn.fc2.weight.shape[0], dtype=f64) if ls is None else ls.detach().to(f64).reshape(-1)
+    put(f"{p}.fc2.weight", ffn.fc2.weight.detach().to(f64) * g.reshape(-1, 1, 1, 1))
+    put(f"{p}.fc2.bias", ffn.fc2.bias.detach().to(f64) * g)
+    if isinstance(block, RepMixerBlock):
+        return 1
+    s, t = bn_of(block.norm, f"{name}.norm")
+    qkv, proj = block.token_mixer.qkv, block.token_mixer.proj
+    wq = qkv.weight.detach().to(f64)
+    put(f"{name}.token_mixer.qkv.weight", wq * s.reshape(1, -1))
+    put(f"{name}.token_mixer.qkv.bias", wq @ t + (0 if qkv.bias is None else qkv.bias.detach().to(f64)))
+    ls = _scale(block, "layer_scale_1")
+    g = torch.ones(proj.weight.shape[0], dtype=f64) if ls is None else ls.detach().to(f64).reshape(-1)
+    put(f"{name}.token_mixer.proj.weight", proj.weight.detach().to(f64) * g.reshape(-1, 1))
+    put(f"{name}.token_mixer.proj.bias", proj.bias.detach().to(f64) * g)
+    return 2
+
+
 def _timm_recorded(arch: Any) -> str | None:
     if isinstance(arch, str) and arch.lower().startswith("fastvit"):
         try:
@@ -731,6 +774,12 @@ class FastViTFuser(Fuser):
             if diff:
                 raise BadInput(f"{ckpt.path}: --variant {wanted} does not fit the weights ({diff})")
             variant = wanted
+        if options.extra_folds:
+            config["extra_folds"] = True
+            notes.append(
+                "extra folds: FFN BatchNorms, attention norms and layer scales are folded too; the file "
+                "loads with repfuse_cli.load_deploy, not into the official (or timm's) inference-mode model"
+            )
         if layout == "timm":
             notes.append("timm layout (stem/stages/mlp): the deploy file uses timm's reparameterized names")
             if variant in TIMM_MODELS:
@@ -779,6 +828,10 @@ class FastViTFuser(Fuser):
             if done is not None:
                 done([*module.parameters(), *module.buffers()])
 
+        def put_plain(key: str, t: Tensor) -> None:
+            out[key] = t.to(dtype).contiguous()
+
+        extra = bool(plan.config.get("extra_folds", False))
         inside_mixer: set[str] = set()
         for name, m in train.named_modules():
             if isinstance(m, RepMixer):
@@ -795,7 +848,13 @@ class FastViTFuser(Fuser):
                 counts["bn_folded"] += 2
             elif isinstance(m, RepCPE):
                 put(f"{name}.reparam_conv", *fold_cpe(m), m)
-            elif isinstance(m, ConvFFN):
+            elif extra and isinstance(m, (RepMixerBlock, AttentionBlock)):
+                counts["bn_folded"] += fold_extra(m, name, n, put_plain)
+                counts["layer_scales_folded"] = counts.get("layer_scales_folded", 0) + sum(
+                    _scale(m, ls) is not None for ls in ("layer_scale", "layer_scale_1", "layer_scale_2")
+                )
+                continue
+            elif isinstance(m, ConvFFN) and not extra:
                 unfused.append(
                     (f"{name}.conv.bn", "BatchNorm after the FFN's depthwise conv: the official deploy model keeps it")
                 )
