@@ -188,12 +188,13 @@ def _source(
     trust: bool,
     assume_annealed: bool,
     resolution: int | None,
+    extra_folds: bool = False,
 ) -> Source:
     """The options every command shares, as the one value the library takes."""
     from .fuser import Options
     from .pipeline import Source
 
-    options = Options(variant=variant, model=model, assume_annealed=assume_annealed)
+    options = Options(variant=variant, model=model, assume_annealed=assume_annealed, extra_folds=extra_folds)
     return Source(path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
 
 
@@ -219,6 +220,14 @@ def convert(
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     assume_annealed: AnnealOpt = False,
+    extra_folds: Annotated[
+        bool,
+        typer.Option(
+            "--extra-folds",
+            help="FastViT: also fold the FFN BatchNorms, attention norms and layer scales the official deploy "
+            "model keeps (the file then loads only with repfuse_cli.load_deploy).",
+        ),
+    ] = False,
 ) -> None:
     """Fuse a training checkpoint into a verified deploy-mode safetensors file."""
     with _errors(json_out):
@@ -232,7 +241,8 @@ def convert(
         ctx, on_step = _progress(not (quiet or json_out))
         with ctx:
             conv = run_conversion(
-                _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution),
+                _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution,
+                        extra_folds),
                 output, force=force, verify=not no_verify, batch=batch, seed=seed, atol=atol, rtol=rtol,
                 report=json_out or not quiet, on_step=on_step,
             )  # fmt: skip

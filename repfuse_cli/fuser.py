@@ -41,6 +41,10 @@ class Options:
     variant: str | None = None  # override the detected variant
     model: str | None = None  # conv-bn: "timm:NAME" or "pkg.module:callable"
     assume_annealed: bool = False  # VanillaNet: go on although records say annealing is unfinished
+    extra_folds: bool = False  # FastViT: also fold what the official deploy model keeps (load_deploy only)
+    # Set by ``--arch auto``'s detection loop, not a flag: a fuser may decline under auto what it
+    # converts only when the user names it (e.g. a timm layout that auto leaves to conv-bn).
+    under_auto: bool = False
 
 
 @dataclass

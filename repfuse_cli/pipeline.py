@@ -98,9 +98,10 @@ def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None)
         fuser = get_fuser("conv-bn")
         return fuser, fuser.detect(ckpt, options)
     reasons = []
+    trying = dataclasses.replace(options, under_auto=True)
     for fuser in all_fusers():
         try:
-            return fuser, fuser.detect(ckpt, options)
+            return fuser, fuser.detect(ckpt, trying)
         except NotThisArch as e:
             reasons.append(f"{fuser.name}: {e}")
     raise UnknownArch(
