@@ -205,3 +205,20 @@ def add_identity(kernel: Tensor, scale: Tensor, first_row: int = 0) -> Tensor:
     center = tuple(s // 2 for s in kernel.shape[2:])
     kernel[(idx - first_row, idx % per_group, *center)] += _f64(scale)
     return kernel
+
+
+def fold_bn_before(weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor) -> tuple[Tensor, Tensor]:
+    """Fold a per-input-channel affine ``x*scale + shift`` that *precedes* a Linear (or a 1x1
+    conv with groups=1): ``W' = W * scale`` along the input axis, ``b' = b + W @ shift``.
+
+    Exact for a Linear on 2-D input (BatchNorm1d on features, e.g. LeViT/RepViT's ``BN_Linear``)
+    and for an unpadded 1x1 conv; a padded conv would see the shift at its zero border
+    (REFERENCE §3). ``weight`` is (out, in, *k); returns (W', b') in float64.
+    """
+    w = _f64(weight)
+    s, t = _f64(scale), _f64(shift)
+    folded = w * s.reshape(1, -1, *([1] * (w.dim() - 2)))
+    b = w.reshape(w.shape[0], w.shape[1], -1).sum(-1) @ t
+    if bias is not None:
+        b = b + _f64(bias)
+    return folded, b

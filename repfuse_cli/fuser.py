@@ -123,6 +123,9 @@ class Fuser(ABC):
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
+    # True on the instances ``--arch auto`` tries (``registry.all_fusers``); False when the user
+    # named this fuser. Lets a fuser claim a layout only when asked by name (RepViT's timm layout).
+    for_auto: bool = False
 
     @abstractmethod
     def detect(self, ckpt: Checkpoint, options: Options) -> Plan:

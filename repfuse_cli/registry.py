@@ -31,6 +31,10 @@ BUILTIN: dict[str, tuple[str, str]] = {
         "repfuse_cli.fusers.repvgg:RepVGGFuser",
         "RepVGG (DingXiaoH and timm layouts): 3x3 + 1x1 + identity branches into one 3x3, SE kept",
     ),
+    "repvit": (
+        "repfuse_cli.fusers.repvit:RepViTFuser",
+        "RepViT (THU-MIG official layout; timm's with --arch repvit): RepVGGDW, conv-BN, BN-Linear heads",
+    ),
     "conv-bn": (
         "repfuse_cli.fusers.conv_bn:ConvBnFuser",
         "Any network (timm:NAME or pkg.module:callable): fold every BatchNorm into the conv/linear feeding it",
@@ -98,5 +102,9 @@ def get_fuser(name: str):
 
 
 def all_fusers():
-    """Instances of every fuser, in auto-detection order (built-ins first)."""
-    return [get_fuser(i.name) for i in list_fusers()]
+    """Instances of every fuser, in auto-detection order (built-ins first), each marked
+    ``for_auto = True``: a fuser may leave a layout it also reads to another under ``--arch auto``."""
+    fusers = [get_fuser(i.name) for i in list_fusers()]
+    for fuser in fusers:
+        fuser.for_auto = True
+    return fusers

@@ -1,0 +1,453 @@
+"""RepViT fuser: official keys (fixtures), fusion per variant, timm layout, routing, dtypes, transforms.
+
+``tests/fixtures/repvit/*.json`` hold the keys and shapes of THU-MIG/RepViT's official models
+(num_classes=1000, with the distillation head) before and after its own ``replace_batchnorm``,
+and their parameter counts: the suite itself never imports the official code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_bn, rel_diff
+from torch import nn
+
+from repfuse_cli.checkpoint import Checkpoint, load_strict
+from repfuse_cli.errors import BadInput, KeyMismatch
+from repfuse_cli.fold import fold_bn_before
+from repfuse_cli.fuser import Fuser, NotThisArch, Options, Plan
+from repfuse_cli.fusers.repvit import (
+    CUSTOM,
+    OFFICIAL_MODELS,
+    TIMM_MODELS,
+    VARIANTS,
+    RepViT,
+    RepViTFuser,
+    build_repvit,
+    check_config,
+    config_from_stages,
+    lookup_variant,
+)
+from repfuse_cli.registry import BUILTIN, all_fusers, get_fuser
+
+FIXTURES = Path(__file__).parent / "fixtures" / "repvit"
+FUSER = RepViTFuser()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fixture(variant: str) -> dict:
+    return json.loads((FIXTURES / f"{OFFICIAL_MODELS[variant]}.json").read_text())
+
+
+def shapes(sd: dict) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in sd.items()}
+
+
+def official_meta_state(variant: str, distillation: bool = True) -> dict[str, torch.Tensor]:
+    """An official training state_dict on the meta device, straight from the fixture."""
+    fx = fixture(variant)
+    drop = set() if distillation else set(fx["train_distill_only"])
+    return {
+        k: torch.empty(s, device="meta", dtype=torch.long if k.endswith("num_batches_tracked") else torch.float32)
+        for k, s in fx["train"].items()
+        if k not in drop
+    }
+
+
+def ckpt_of(sd: dict, extras: dict | None = None) -> Checkpoint:
+    return Checkpoint(Path("mem.pth"), "torch", dict(sd), None, extras=dict(extras or {}))
+
+
+def fuse_state(sd: dict, extras: dict | None = None, fuser: RepViTFuser = FUSER):
+    plan = fuser.detect(ckpt_of(sd, extras), Options())
+    train = fuser.build_train(plan, sd)
+    fused = fuser.fuse(plan, sd, train)
+    deploy = load_strict(fuser.build_deploy(plan), fused.tensors, "deploy")
+    return plan, train, fused, deploy
+
+
+def x_in(size: int = 32, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def trained(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights everywhere (the zero-initialised BN gammas and biases included), eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return randomize_bn(model, seed).eval()
+
+
+# --------------------------------------------------------------------------- registry, table
+
+
+def test_registered_before_conv_bn():
+    fuser = get_fuser("repvit")
+    assert type(fuser) is RepViTFuser and isinstance(fuser, Fuser) and not fuser.for_auto
+    names = list(BUILTIN)
+    assert names.index("repvit") < names.index("conv-bn")
+    auto = [f for f in all_fusers() if f.name == "repvit"]
+    assert len(auto) == 1 and auto[0].for_auto
+
+
+PARAMS = {  # deploy parameters as the official code counts them after replace_batchnorm (1000 classes)
+    "RepViT-M0.6": 2468072,
+    "RepViT-M0.9": 5067056,
+    "RepViT-M1.0": 6810312,  # the paper's 6.81M
+    "RepViT-M1.1": 8244312,
+    "RepViT-M1.5": 14049992,
+    "RepViT-M2.3": 22926792,
+}
+
+
+def test_variant_table_is_complete():
+    assert set(VARIANTS) == set(PARAMS) == set(OFFICIAL_MODELS)
+    assert sorted(p.name for p in FIXTURES.glob("*.json")) == sorted(f"{m}.json" for m in OFFICIAL_MODELS.values())
+    assert round(PARAMS["RepViT-M1.0"] / 1e6, 2) == 6.81
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_keys_shapes_and_params_are_the_official_ones(variant):
+    fx = fixture(variant)
+    cfg = config_from_stages(*VARIANTS[variant])
+    with torch.device("meta"):
+        train = RepViT({**cfg, "distillation": True}).state_dict()
+        plain = RepViT(cfg).state_dict()
+        deploy = RepViT(cfg, deploy=True)
+    assert shapes(train) == fx["train"]
+    assert shapes(plain) == {k: s for k, s in fx["train"].items() if k not in fx["train_distill_only"]}
+    assert shapes(deploy.state_dict()) == fx["fused"]
+    n = sum(p.numel() for p in deploy.parameters())
+    assert n == fx["params"]["fused"] == PARAMS[variant]
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize("distillation", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_detects_full_size_official_checkpoints(variant, distillation):
+    sd = official_meta_state(variant, distillation)
+    for fuser in (FUSER, next(f for f in all_fusers() if f.name == "repvit")):
+        plan = fuser.detect(ckpt_of(sd), Options())
+        assert (plan.arch, plan.variant, plan.layout) == ("repvit", variant, "official")
+        assert plan.config["distillation"] is distillation and plan.num_classes == 1000
+    assert shapes(FUSER.build_deploy(plan).state_dict()) == fixture(variant)["fused"]
+    back = Plan.from_metadata(plan.to_metadata())
+    assert back.config == plan.config
+    with torch.device("meta"):
+        assert shapes(RepViT(back.config).state_dict()) == shapes(sd)
+
+
+def test_variant_names_are_looked_up_loosely():
+    assert lookup_variant("m1_0") == lookup_variant("repvit_m1_0") == lookup_variant("RepViT-M1.0") == "RepViT-M1.0"
+    assert lookup_variant("M0.6") == "RepViT-M0.6"
+    with pytest.raises(BadInput, match="unknown RepViT variant"):
+        lookup_variant("m9_9")
+
+
+def test_variant_override_and_recorded_model_are_checked():
+    sd = official_meta_state("RepViT-M1.1")
+    assert FUSER.detect(ckpt_of(sd), Options(variant="m1_1")).variant == "RepViT-M1.1"
+    with pytest.raises(BadInput, match=r"--variant RepViT-M1\.5 does not fit"):
+        FUSER.detect(ckpt_of(sd), Options(variant="m1_5"))
+    same = FUSER.detect(ckpt_of(sd, {"args": {"model": "repvit_m1_1"}}), Options())
+    assert not any("records model" in n for n in same.notes)
+    other = FUSER.detect(ckpt_of(sd, {"args": {"model": "repvit_m0_9"}}), Options())
+    assert any("records model `repvit_m0_9`" in n for n in other.notes)
+
+
+def test_foreign_deploy_and_broken_state_dicts():
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        resnet = timm.create_model("resnet18").state_dict()
+    for sd in (resnet, {"weight": torch.zeros(3)}):
+        with pytest.raises(NotThisArch, match="no RepViT keys"):
+            FUSER.detect(ckpt_of(sd), Options())
+    fused = {k: torch.empty(s, device="meta") for k, s in fixture("RepViT-M0.6")["fused"].items()}
+    with pytest.raises(NotThisArch, match="already in deploy form"):
+        FUSER.detect(ckpt_of(fused), Options())
+    sd = official_meta_state("RepViT-M0.6")
+    with pytest.raises(NotThisArch, match="aux.weight"):
+        FUSER.detect(ckpt_of({**sd, "aux.weight": torch.zeros(1)}), Options())
+    holed = {k: v for k, v in sd.items() if k != "features.3.channel_mixer.m.2.bn.running_var"}
+    with pytest.raises(KeyMismatch, match=r"features\.3\.channel_mixer\.m\.2\.bn\.running_var"):
+        FUSER.detect(ckpt_of(holed), Options())
+    gap = {k: v for k, v in sd.items() if not k.startswith("features.4.")}
+    with pytest.raises(KeyMismatch, match="index 4"):
+        FUSER.detect(ckpt_of(gap), Options())
+    bad = dict(sd)
+    bad["features.2.channel_mixer.m.0.c.weight"] = torch.empty(80, 41, 1, 1, device="meta")
+    with pytest.raises(KeyMismatch, match="features.2.channel_mixer.m.0.c.weight"):
+        FUSER.detect(ckpt_of(bad), Options())
+
+
+# --------------------------------------------------------------------------- fusion
+
+
+@pytest.mark.parametrize("distillation", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fusion_matches_training_model(variant, distillation):
+    model = trained(build_repvit(variant, num_classes=13, distillation=distillation), seed=len(variant))
+    sd = model.state_dict()
+    plan, train, fused, deploy = fuse_state(sd)
+    assert plan.variant == variant and plan.num_classes == 13 and plan.config["distillation"] is distillation
+    x = x_in(32)
+    with torch.no_grad():
+        ref, via_train, out = model(x), train(x), deploy(x)
+    assert torch.equal(ref, via_train)
+    assert rel_diff(ref, out) < 1e-5
+    fx = fixture(variant)["fused"]
+    expect = {k: ([13] + s[1:] if k.startswith("classifier.") else s) for k, s in fx.items()}
+    assert shapes(fused.tensors) == expect
+    assert fused.counts["head_merges"] == int(distillation)
+    assert fused.counts["branch_merges"] == sum(b["kind"] == "mix" for b in plan.config["blocks"])
+    assert len(fused.unfused) == sum(b["se"] > 0 for b in plan.config["blocks"])
+    assert all(t.is_contiguous() and t.dtype == torch.float32 for t in fused.tensors.values())
+
+
+def test_distillation_heads_are_averaged():
+    model = trained(build_repvit("m0_6", num_classes=5, distillation=True), seed=3)
+    feats = torch.randn(4, 320, dtype=torch.float64)
+    head = model.classifier.double()
+    _, _, fused, _ = fuse_state(model.state_dict())
+    w, b = fused.tensors["classifier.weight"], fused.tensors["classifier.bias"]
+    with torch.no_grad():
+        one, two = head.classifier(feats), head.classifier_dist(feats)
+    assert rel_diff((one + two) / 2, feats @ w.double().T + b.double()) < 1e-6
+    assert rel_diff(one, feats @ w.double().T + b.double()) > 1e-2  # really two different heads
+
+
+def test_headless_and_other_inputs():
+    cfg = config_from_stages((16, 32), (2, 1), num_classes=0, in_chans=1)
+    model = trained(RepViT(cfg), seed=2)
+    plan, _, fused, deploy = fuse_state(model.state_dict())
+    assert plan.variant == CUSTOM and plan.num_classes is None and plan.input_size == (1, 224, 224)
+    assert not any(k.startswith("classifier") for k in fused.tensors)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert rel_diff(model(x), deploy(x)) < 1e-5
+
+
+def test_fuse_is_pure_and_deterministic():
+    model = trained(build_repvit("m0_6", num_classes=10, distillation=True), seed=4)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in sd.items()}
+    plan = FUSER.detect(ckpt_of(sd), Options())
+    train = FUSER.build_train(plan, sd)
+    a, b = FUSER.fuse(plan, sd, train), FUSER.fuse(plan, sd, train)
+    assert all(torch.equal(sd[k], before[k]) for k in before)
+    assert list(a.tensors) == list(FUSER.build_deploy(plan).state_dict())
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+    json.dumps(a.config)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
+def test_half_precision_checkpoints_keep_their_dtype(dtype, tol):
+    model = trained(build_repvit("m0_6", num_classes=10, distillation=True), seed=5)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    plan, _, fused, deploy = fuse_state(sd)
+    assert all(t.dtype == dtype and t.is_contiguous() for t in fused.tensors.values())
+    ref_model = build_repvit("m0_6", num_classes=10, distillation=True).eval()
+    ref_model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    x = x_in(32)
+    with torch.no_grad():
+        assert rel_diff(ref_model(x), deploy.float()(x)) < tol
+        native = load_strict(FUSER.build_deploy(plan), fused.tensors, "native")(x.to(dtype))
+    assert native.dtype == dtype and torch.isfinite(native).all()
+
+
+def test_fold_bn_before_linear():
+    g = torch.Generator().manual_seed(0)
+    bn = randomize_bn(nn.BatchNorm1d(6), 1).eval().double()
+    lin = nn.Linear(6, 3).double()
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    w, b = fold_bn_before(lin.weight, lin.bias, scale.detach(), shift.detach())
+    with torch.no_grad():
+        assert rel_diff(lin(bn(x)), x @ w.T + b) < 1e-12
+    w0, b0 = fold_bn_before(lin.weight, None, scale.detach(), shift.detach())
+    assert torch.equal(w0, w) and torch.allclose(b0 + lin.bias.double(), b)
+
+
+def test_bad_configs_are_refused():
+    cfg = config_from_stages((16, 32), (1, 1))
+    with pytest.raises(BadInput, match="lacks 'blocks'"):
+        check_config({k: v for k, v in cfg.items() if k != "blocks"}, "official")
+    broken = json.loads(json.dumps(cfg))
+    broken["blocks"][1]["dim"] = 7
+    with pytest.raises(BadInput, match="block 1 takes 7 channels"):
+        check_config(broken, "official")
+    with pytest.raises(BadInput, match="legacy"):
+        check_config({**cfg, "legacy": True}, "official")
+    with pytest.raises(BadInput, match="unknown RepViT layout"):
+        check_config(cfg, "other")
+    plan = Plan("repvit", CUSTOM, "official", {**cfg, "stem": "x"})
+    with pytest.raises(BadInput, match="deploy.safetensors: RepViT config: stem"):
+        FUSER.check_config(plan, None, "deploy.safetensors")
+
+
+# --------------------------------------------------------------------------- eval transform
+
+
+def test_eval_transform_follows_deit_main_py():
+    plan = Plan("repvit", "RepViT-M1.0", "official", {})
+    default = FUSER.eval_transform(plan, ckpt_of({}))
+    assert (default.size, default.interpolation, round(default.size / default.crop_pct)) == (224, "bicubic", 256)
+    assert "main.py defaults" in default.source
+    big = FUSER.eval_transform(plan, ckpt_of({}, {"args": {"input_size": 384, "finetune": ""}}))
+    assert big.size == 384 and round(big.size / big.crop_pct) == int(256 / 224 * 384) == 438
+    tuned = FUSER.eval_transform(plan, ckpt_of({}, {"args": {"input_size": 288, "finetune": "m.pth"}}))
+    assert (tuned.size, tuned.crop_pct) == (288, None) and "finetune" in tuned.source
+    cifar = FUSER.eval_transform(plan, ckpt_of({}, {"args": {"input_size": 32}}))
+    assert (cifar.size, cifar.crop_pct) == (32, None)
+    assert default.mean == (0.485, 0.456, 0.406) and default.std == (0.229, 0.224, 0.225)
+
+
+def test_eval_transform_timm_layout():
+    plan = Plan("repvit", "RepViT-M1.0", "timm", {})
+    t = FUSER.eval_transform(plan, ckpt_of({}))
+    assert (t.size, t.crop_pct, t.interpolation) == (224, 0.95, "bicubic")
+    args = {"input_size": [3, 256, 256], "crop_pct": 1.0, "interpolation": "bilinear", "mean": [0.5] * 3}
+    t = FUSER.eval_transform(plan, ckpt_of({}, {"args": args}))
+    assert (t.size, t.crop_pct, t.interpolation, t.mean) == (256, 1.0, "bilinear", (0.5, 0.5, 0.5))
+
+
+def test_plan_input_size_from_recorded_args():
+    sd = official_meta_state("RepViT-M0.6")
+    plan = FUSER.detect(ckpt_of(sd, {"args": {"input_size": 256}}), Options())
+    assert plan.input_size == (3, 256, 256)
+
+
+# --------------------------------------------------------------------------- timm layout
+
+
+def _timm():
+    return pytest.importorskip("timm")
+
+
+def test_official_forward_equals_timm_with_the_same_weights():
+    """Our training model (official names) computes what timm's independent RepViT computes with
+    the same weights: both lay out their tensors in the same order, so they map one to one."""
+    timm = _timm()
+    ours = trained(build_repvit("m1_0", num_classes=10, distillation=True), seed=6)
+    theirs = timm.create_model("repvit_m1_0", num_classes=10, distillation=True).eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert [v.shape for v in a.values()] == [v.shape for v in b.values()]
+    theirs.load_state_dict(dict(zip(b, a.values(), strict=True)), strict=True)
+    x = x_in(64)
+    with torch.no_grad():
+        assert rel_diff(ours(x), theirs(x)) < 1e-6
+
+
+def _check_timm(name: str, **kw):
+    timm = _timm()
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = trained(timm.create_model(name, **kw), seed=7)
+    sd = model.state_dict()
+    with pytest.raises(NotThisArch, match="--arch auto leaves it to conv-bn"):
+        next(f for f in all_fusers() if f.name == "repvit").detect(ckpt_of(sd), Options())
+    plan, _, fused, deploy = fuse_state(sd, {"arch": name})
+    assert plan.layout == "timm"
+    timm_deploy = reparameterize_model(model)
+    assert shapes(timm_deploy.state_dict()) == shapes(fused.tensors)
+    timm_deploy.load_state_dict(fused.tensors, strict=True)
+    x = x_in(64)
+    with torch.no_grad():
+        ref = model(x)
+        assert rel_diff(ref, timm_deploy(x)) < 1e-5
+        assert rel_diff(ref, deploy(x)) < 1e-5
+    return plan
+
+
+@pytest.mark.parametrize("variant", sorted(TIMM_MODELS))
+def test_timm_layout_with_explicit_arch(variant):
+    plan = _check_timm(TIMM_MODELS[variant], num_classes=11, distillation=variant != "RepViT-M0.9")
+    assert (plan.variant, plan.config["timm_model"]) == (variant, TIMM_MODELS[variant])
+    assert not plan.config["legacy"] and not any("records model" in n for n in plan.notes)
+
+
+def test_timm_legacy_layout():
+    plan = _check_timm("repvit_m1", num_classes=7)
+    assert plan.config["legacy"] and plan.config["timm_model"] == "repvit_m1" and plan.variant == "RepViT-M0.9"
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def official_checkpoint(path: Path, model: nn.Module, size: int = 224) -> None:
+    """What THU-MIG/RepViT's main.py saves (model_ema is a copy here)."""
+    sd = model.state_dict()
+    args = argparse.Namespace(model="repvit_m0_6", input_size=size, finetune="", model_ema=True)
+    torch.save(
+        {
+            "model": {f"module.{k}": v for k, v in sd.items()},
+            "optimizer": {"state": {}, "param_groups": []},
+            "lr_scheduler": {},
+            "epoch": 3,
+            "model_ema": {k: v.clone() for k, v in sd.items()},
+            "scaler": {},
+            "args": args,
+        },
+        path,
+    )
+
+
+@pytest.mark.parametrize("arch, key", [("repvit", None), ("auto", "model_ema")])
+def test_pipeline_official_checkpoint(tmp_path, arch, key):
+    from safetensors.torch import load_file
+
+    from repfuse_cli import convert, load_deploy
+
+    model = trained(build_repvit("m0_6", num_classes=10, distillation=True), seed=8)
+    src = tmp_path / "checkpoint_best.pth"
+    official_checkpoint(src, model)
+    out = tmp_path / "deploy.safetensors"
+    res = convert(src, out, arch=arch, key=key, resolution=32, batch=2)
+    assert (res["arch"], res["variant"], res["layout"]) == ("repvit", "RepViT-M0.6", "official")
+    assert res["verify"]["passed"] and res["verify"]["max_rel_diff"] < 1e-5
+    tensors = load_file(str(out))
+    assert shapes(tensors) == {
+        k: ([10] + s[1:] if k.startswith("classifier.") else s) for k, s in fixture("RepViT-M0.6")["fused"].items()
+    }
+    loaded = load_deploy(out)
+    assert isinstance(loaded, RepViT) and loaded.deploy
+    x = x_in(32)
+    with torch.no_grad():
+        assert rel_diff(model(x), loaded(x)) < 1e-5
+
+
+def test_pipeline_timm_checkpoint_explicit_and_auto(tmp_path):
+    timm = _timm()
+    from timm.utils.model import reparameterize_model
+
+    from repfuse_cli import convert, load_deploy
+    from repfuse_cli.pipeline import detect
+
+    model = trained(timm.create_model("repvit_m0_9", num_classes=10), seed=9)
+    src = tmp_path / "model_best.pth.tar"
+    torch.save({"state_dict": model.state_dict(), "epoch": 1}, src)
+    res = convert(src, tmp_path / "m.safetensors", arch="repvit", resolution=32, batch=2)
+    assert (res["variant"], res["layout"]) == ("RepViT-M0.9", "timm") and res["verify"]["passed"]
+    timm_deploy = reparameterize_model(model)
+    timm_deploy.load_state_dict(load_deploy(res["output"]).state_dict(), strict=True)
+    x = x_in(32)
+    with torch.no_grad():
+        assert rel_diff(model(x), timm_deploy(x)) < 1e-5
+    fuser, _ = detect(ckpt_of(model.state_dict(), {"arch": "repvit_m0_9"}), "auto")
+    assert fuser.name == "conv-bn"
