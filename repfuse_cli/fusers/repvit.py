@@ -28,6 +28,7 @@ Layouts (``Plan.layout``):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -56,7 +57,7 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "RepViT-M1.5": ((64, 128, 256, 512), (4, 4, 24, 4)),
     "RepViT-M2.3": ((80, 160, 320, 640), (6, 6, 34, 2)),
 }
-OFFICIAL_MODELS = {v: "repvit_" + v.split("-M")[1].replace(".", "_").lower() for v in VARIANTS}  # repvit_m1_0
+OFFICIAL_MODELS = {v: "repvit_m" + v.split("-M")[1].replace(".", "_").lower() for v in VARIANTS}  # repvit_m1_0
 # timm's names: the same backbones (no m0_6), plus its "legacy" models (RepVGGDW's 1x1 with a BN,
 # no outer BN: RepViT's first release) under older names.
 TIMM_MODELS = {v: m for v, m in OFFICIAL_MODELS.items() if v != "RepViT-M0.6"}
@@ -597,6 +598,7 @@ def _check_keys(sd: Mapping[str, Tensor], config: dict[str, Any], layout: str) -
 _BACKBONE = ("in_chans", "stem", "blocks")
 
 
+@functools.cache
 def _variant_configs() -> dict[str, dict[str, Any]]:
     return {name: config_from_stages(*stages) for name, stages in VARIANTS.items()}
 
