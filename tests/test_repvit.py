@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from torch import nn
 from repfuse_cli.checkpoint import Checkpoint, load_strict
 from repfuse_cli.errors import BadInput, KeyMismatch
 from repfuse_cli.fold import fold_bn_before
-from repfuse_cli.fuser import Fuser, NotThisArch, Options, Plan
+from repfuse_cli.fuser import Fused, Fuser, NotThisArch, Options, Plan
 from repfuse_cli.fusers.repvit import (
     CUSTOM,
     OFFICIAL_MODELS,
@@ -39,7 +42,7 @@ FUSER = RepViTFuser()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -69,7 +72,9 @@ def ckpt_of(sd: dict, extras: dict | None = None) -> Checkpoint:
     return Checkpoint(Path("mem.pth"), "torch", dict(sd), None, extras=dict(extras or {}))
 
 
-def fuse_state(sd: dict, extras: dict | None = None, fuser: RepViTFuser = FUSER):
+def fuse_state(
+    sd: dict, extras: dict | None = None, fuser: RepViTFuser = FUSER
+) -> tuple[Plan, nn.Module, Fused, nn.Module]:
     plan = fuser.detect(ckpt_of(sd, extras), Options())
     train = fuser.build_train(plan, sd)
     fused = fuser.fuse(plan, sd, train)
@@ -104,7 +109,7 @@ def trained(model: nn.Module, seed: int = 0, damp: float = 0.1) -> nn.Module:
 # --------------------------------------------------------------------------- registry, table
 
 
-def test_registered_before_conv_bn():
+def test_registered_before_conv_bn() -> None:
     fuser = get_fuser("repvit")
     assert type(fuser) is RepViTFuser and isinstance(fuser, Fuser) and not fuser.for_auto
     names = list(BUILTIN)
@@ -123,14 +128,14 @@ PARAMS = {  # deploy parameters as the official code counts them after replace_b
 }
 
 
-def test_variant_table_is_complete():
+def test_variant_table_is_complete() -> None:
     assert set(VARIANTS) == set(PARAMS) == set(OFFICIAL_MODELS)
     assert sorted(p.name for p in FIXTURES.glob("*.json")) == sorted(f"{m}.json" for m in OFFICIAL_MODELS.values())
     assert round(PARAMS["RepViT-M1.0"] / 1e6, 2) == 6.81
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_keys_shapes_and_params_are_the_official_ones(variant):
+def test_keys_shapes_and_params_are_the_official_ones(variant: str) -> None:
     fx = fixture(variant)
     cfg = config_from_stages(*VARIANTS[variant])
     with torch.device("meta"):
@@ -149,7 +154,7 @@ def test_keys_shapes_and_params_are_the_official_ones(variant):
 
 @pytest.mark.parametrize("distillation", [False, True])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_detects_full_size_official_checkpoints(variant, distillation):
+def test_detects_full_size_official_checkpoints(variant: str, distillation: bool) -> None:
     sd = official_meta_state(variant, distillation)
     fuser = next(f for f in all_fusers() if f.name == "repvit") if distillation else FUSER  # auto / named
     plan = fuser.detect(ckpt_of(sd), Options())
@@ -162,14 +167,14 @@ def test_detects_full_size_official_checkpoints(variant, distillation):
         assert shapes(RepViT(back.config).state_dict()) == shapes(sd)
 
 
-def test_variant_names_are_looked_up_loosely():
+def test_variant_names_are_looked_up_loosely() -> None:
     assert lookup_variant("m1_0") == lookup_variant("repvit_m1_0") == lookup_variant("RepViT-M1.0") == "RepViT-M1.0"
     assert lookup_variant("M0.6") == "RepViT-M0.6"
     with pytest.raises(BadInput, match="unknown RepViT variant"):
         lookup_variant("m9_9")
 
 
-def test_variant_override_and_recorded_model_are_checked():
+def test_variant_override_and_recorded_model_are_checked() -> None:
     sd = official_meta_state("RepViT-M1.1")
     assert FUSER.detect(ckpt_of(sd), Options(variant="m1_1")).variant == "RepViT-M1.1"
     with pytest.raises(BadInput, match=r"--variant RepViT-M1\.5 does not fit"):
@@ -180,7 +185,7 @@ def test_variant_override_and_recorded_model_are_checked():
     assert any("records model `repvit_m0_9`" in n for n in other.notes)
 
 
-def test_foreign_deploy_and_broken_state_dicts():
+def test_foreign_deploy_and_broken_state_dicts() -> None:
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
         resnet = timm.create_model("resnet18").state_dict()
@@ -209,7 +214,7 @@ def test_foreign_deploy_and_broken_state_dicts():
 
 
 @pytest.mark.parametrize("variant", ["RepViT-M0.6", "RepViT-M2.3"])
-def test_fusion_matches_training_model(variant):
+def test_fusion_matches_training_model(variant: str) -> None:
     """Full size, random weights and BN statistics, distillation head, 13 classes. Fused from a
     float64 checkpoint, the deploy model is the training model to 1e-10; both run in float32
     (the weights a float32 checkpoint gets: folded in float64, cast once) agree to 1e-5.
@@ -228,16 +233,18 @@ def test_fusion_matches_training_model(variant):
         assert rel_diff(model.float()(x.float()), deploy.float()(x.float())) < 1e-5
     fx = fixture(variant)["fused"]
     assert shapes(fused.tensors) == {k: ([13] + s[1:] if k.startswith("classifier.") else s) for k, s in fx.items()}
-    assert fused.counts["head_merges"] == 1
-    assert fused.counts["branch_merges"] == sum(b["kind"] == "mix" for b in plan.config["blocks"])
+    mix = sum(b["kind"] == "mix" for b in plan.config["blocks"])
+    assert fused.counts["branch_merges"] == mix + 1  # every RepVGGDW, and the two heads
+    assert fused.counts["bn_folded"] == len([k for k in sd if k.endswith("running_var")])
     assert len(fused.unfused) == sum(b["se"] > 0 for b in plan.config["blocks"])
 
 
 @pytest.mark.parametrize("damp", [0.1, 1.0])
-def test_fusion_without_distillation_float32(damp):
+def test_fusion_without_distillation_float32(damp: float) -> None:
     model = trained(build_repvit("m0_6", num_classes=1000), seed=1, damp=damp)
     plan, _, fused, deploy = fuse_state(model.state_dict())
-    assert not plan.config["distillation"] and fused.counts["head_merges"] == 0
+    mix = sum(b["kind"] == "mix" for b in plan.config["blocks"])
+    assert not plan.config["distillation"] and fused.counts["branch_merges"] == mix
     assert all(t.dtype == torch.float32 for t in fused.tensors.values())
     assert shapes(fused.tensors) == fixture("RepViT-M0.6")["fused"]
     x = x_in(32)
@@ -245,7 +252,7 @@ def test_fusion_without_distillation_float32(damp):
         assert rel_diff(model(x), deploy(x)) < 1e-5
 
 
-def test_distillation_heads_are_averaged():
+def test_distillation_heads_are_averaged() -> None:
     model = trained(build_repvit("m0_6", num_classes=5, distillation=True), seed=3)
     feats = torch.randn(4, 320, dtype=torch.float64)
     head = model.classifier.double()
@@ -257,7 +264,7 @@ def test_distillation_heads_are_averaged():
     assert rel_diff(one, feats @ w.double().T + b.double()) > 1e-2  # really two different heads
 
 
-def test_headless_and_other_inputs():
+def test_headless_and_other_inputs() -> None:
     cfg = config_from_stages((16, 32), (2, 1), num_classes=0, in_chans=1)
     model = trained(RepViT(cfg), seed=2)
     plan, _, fused, deploy = fuse_state(model.state_dict())
@@ -268,7 +275,7 @@ def test_headless_and_other_inputs():
         assert rel_diff(model(x), deploy(x)) < 1e-5
 
 
-def test_fuse_is_pure_and_deterministic():
+def test_fuse_is_pure_and_deterministic() -> None:
     model = trained(build_repvit("m0_6", num_classes=10, distillation=True), seed=4)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in sd.items()}
@@ -282,7 +289,7 @@ def test_fuse_is_pure_and_deterministic():
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 5e-3), (torch.bfloat16, 4e-2)])
-def test_half_precision_checkpoints_keep_their_dtype(dtype, tol):
+def test_half_precision_checkpoints_keep_their_dtype(dtype: torch.dtype, tol: float) -> None:
     model = trained(build_repvit("m0_6", num_classes=10, distillation=True), seed=5)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     plan, _, fused, deploy = fuse_state(sd)
@@ -296,7 +303,7 @@ def test_half_precision_checkpoints_keep_their_dtype(dtype, tol):
     assert native.dtype == dtype and torch.isfinite(native).all()
 
 
-def test_fold_bn_before_linear():
+def test_fold_bn_before_linear() -> None:
     g = torch.Generator().manual_seed(0)
     bn = randomize_bn(nn.BatchNorm1d(6), 1).eval().double()
     lin = nn.Linear(6, 3).double()
@@ -310,7 +317,7 @@ def test_fold_bn_before_linear():
     assert torch.equal(w0, w) and torch.allclose(b0 + lin.bias.double(), b)
 
 
-def test_bad_configs_are_refused():
+def test_bad_configs_are_refused() -> None:
     cfg = config_from_stages((16, 32), (1, 1))
     with pytest.raises(BadInput, match="lacks 'blocks'"):
         check_config({k: v for k, v in cfg.items() if k != "blocks"}, "official")
@@ -330,7 +337,7 @@ def test_bad_configs_are_refused():
 # --------------------------------------------------------------------------- eval transform
 
 
-def test_eval_transform_follows_deit_main_py():
+def test_eval_transform_follows_deit_main_py() -> None:
     plan = Plan("repvit", "RepViT-M1.0", "official", {})
     default = FUSER.eval_transform(plan, ckpt_of({}))
     assert (default.size, default.interpolation, round(default.size / default.crop_pct)) == (224, "bicubic", 256)
@@ -344,7 +351,7 @@ def test_eval_transform_follows_deit_main_py():
     assert default.mean == (0.485, 0.456, 0.406) and default.std == (0.229, 0.224, 0.225)
 
 
-def test_eval_transform_timm_layout():
+def test_eval_transform_timm_layout() -> None:
     plan = Plan("repvit", "RepViT-M1.0", "timm", {})
     t = FUSER.eval_transform(plan, ckpt_of({}))
     assert (t.size, t.crop_pct, t.interpolation) == (224, 0.95, "bicubic")
@@ -353,7 +360,7 @@ def test_eval_transform_timm_layout():
     assert (t.size, t.crop_pct, t.interpolation, t.mean) == (256, 1.0, "bilinear", (0.5, 0.5, 0.5))
 
 
-def test_plan_input_size_from_recorded_args():
+def test_plan_input_size_from_recorded_args() -> None:
     sd = official_meta_state("RepViT-M0.6")
     plan = FUSER.detect(ckpt_of(sd, {"args": {"input_size": 256}}), Options())
     assert plan.input_size == (3, 256, 256)
@@ -362,11 +369,11 @@ def test_plan_input_size_from_recorded_args():
 # --------------------------------------------------------------------------- timm layout
 
 
-def _timm():
+def _timm() -> ModuleType:
     return pytest.importorskip("timm")
 
 
-def test_official_forward_equals_timm_with_the_same_weights():
+def test_official_forward_equals_timm_with_the_same_weights() -> None:
     """Our training model (official names) computes what timm's independent RepViT computes with
     the same weights: both lay out their tensors in the same order, so they map one to one."""
     timm = _timm()
@@ -380,7 +387,7 @@ def test_official_forward_equals_timm_with_the_same_weights():
         assert rel_diff(ours(x), theirs(x)) < 1e-6
 
 
-def _check_timm(name: str, **kw):
+def _check_timm(name: str, **kw: Any) -> Plan:
     timm = _timm()
     from timm.utils.model import reparameterize_model
 
@@ -406,14 +413,14 @@ TIMM_NUMERIC = {"RepViT-M0.9": False, "RepViT-M1.0": True}  # variant: distillat
 
 
 @pytest.mark.parametrize("variant", sorted(TIMM_NUMERIC))
-def test_timm_layout_with_explicit_arch(variant):
+def test_timm_layout_with_explicit_arch(variant: str) -> None:
     plan = _check_timm(TIMM_MODELS[variant], num_classes=11, distillation=TIMM_NUMERIC[variant])
     assert (plan.variant, plan.config["timm_model"]) == (variant, TIMM_MODELS[variant])
     assert not plan.config["legacy"] and not any("records model" in n for n in plan.notes)
 
 
 @pytest.mark.parametrize("variant", sorted(set(TIMM_MODELS) - set(TIMM_NUMERIC)))
-def test_timm_layout_keys_of_deep_variants(variant):
+def test_timm_layout_keys_of_deep_variants(variant: str) -> None:
     """On the meta device: detection, and our deploy keys/shapes against timm's own
     reparameterize_model output (the numerics of these blocks are checked above)."""
     timm = _timm()
@@ -428,7 +435,7 @@ def test_timm_layout_keys_of_deep_variants(variant):
     assert shapes(FUSER.build_deploy(plan).state_dict()) == expected
 
 
-def test_timm_legacy_layout():
+def test_timm_legacy_layout() -> None:
     plan = _check_timm("repvit_m1", num_classes=7)
     assert plan.config["legacy"] and plan.config["timm_model"] == "repvit_m1" and plan.variant == "RepViT-M0.9"
 
@@ -466,7 +473,9 @@ PIPELINE = [  # (variant, arch, key, distillation): every variant, both routes
 
 
 @pytest.mark.parametrize("variant, arch, key, distillation", PIPELINE)
-def test_pipeline_official_checkpoint(tmp_path, variant, arch, key, distillation):
+def test_pipeline_official_checkpoint(
+    tmp_path: Path, variant: str, arch: str, key: str | None, distillation: bool
+) -> None:
     from safetensors.torch import load_file
 
     from repfuse_cli import convert, load_deploy
@@ -488,7 +497,7 @@ def test_pipeline_official_checkpoint(tmp_path, variant, arch, key, distillation
         assert rel_diff(model(x), loaded(x)) < 1e-5
 
 
-def test_pipeline_timm_checkpoint_explicit_and_auto(tmp_path):
+def test_pipeline_timm_checkpoint_explicit_and_auto(tmp_path: Path) -> None:
     timm = _timm()
     from timm.utils.model import reparameterize_model
 

@@ -815,7 +815,8 @@ class RepViTFuser(Fuser):
             raise TypeError(f"RepViTFuser.fuse needs the model from build_train, got {type(train).__name__}")
         dtype = float_dtype(state_dict)
         out: dict[str, Tensor] = {}
-        counts = {"bn_folded": 0, "branch_merges": 0, "head_merges": 0}
+        # branch merges: each RepVGGDW (kxk + 1x1 + identity) and the two averaged heads
+        counts = {"bn_folded": 0, "branch_merges": 0, "chain_merges": 0}
         unfused: list[tuple[str, str]] = []
         for name, m in _fusable(train):
             if isinstance(m, SqueezeExcite):
@@ -826,7 +827,7 @@ class RepViTFuser(Fuser):
                 if isinstance(m, Head):
                     w, b = fold_head(m, name)
                     counts["bn_folded"] += len(m.heads())
-                    counts["head_merges"] += len(m.heads()) - 1
+                    counts["branch_merges"] += len(m.heads()) - 1
                 elif isinstance(m, RepDW):
                     w, b = fold_repdw(m, name)
                     counts["bn_folded"] += 1 + (m.bn is not None) + isinstance(m.conv1, ConvBN)
