@@ -147,6 +147,9 @@ def test_keys_shapes_and_params_are_the_official_ones(variant: str) -> None:
     assert shapes(deploy.state_dict()) == fx["fused"]
     n = sum(p.numel() for p in deploy.parameters())
     assert n == fx["params"]["fused"] == PARAMS[variant]
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in RepViT({**cfg, "distillation": d}).parameters()) for d in (False, True)]
+    assert counts == [fx["params"]["train"], fx["params"]["train_distill"]]
 
 
 # --------------------------------------------------------------------------- detection
