@@ -106,7 +106,7 @@ def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None)
             reasons.append(f"{fuser.name}: {e}")
     raise UnknownArch(
         f"{ckpt.path}: architecture not recognized; name it with --arch "
-        f"(vanillanet, repvgg, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
+        f"(vanillanet, repvgg, mobileone, fastvit, repvit, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
     )
 
 

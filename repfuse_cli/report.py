@@ -123,6 +123,8 @@ def conversion_report(r: ConversionResult) -> Group:
         if len(r.unfused) > 8:
             parts.append(Text(f"  ... and {len(r.unfused) - 8} more (see --json)", style="yellow"))
     parts += [Text(f"note: {n}", style="yellow") for n in r.notes]
+    fallback = {s.counted_with for s in (r.before, r.after) if s is not None and s.counted_with != "shapes"}
+    parts += [Text(f"note: figures counted with {c}", style="dim") for c in sorted(fallback)]
     parts.extend(verify_lines(r.verify))
     if r.output:
         parts.append(Text.from_markup(f"wrote [bold]{r.output}[/] in {r.seconds or 0:.2f} s"))

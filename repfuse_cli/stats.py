@@ -62,10 +62,8 @@ class ModelStats:
     # (not part of to_dict(): the report's fields stay as they were)
     counted_with: str = SHAPES
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("counted_with")
-        return d
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def is_bn(m: nn.Module) -> bool:
