@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .errors import BadInput, first_line
 from .fuser import EvalTransform
-from .verification import TOLERANCES, VerifyResult, _no_tf32, compute_dtype, locate_divergence, run
+from .verification import TOLERANCES, VerifyResult, compute_dtype, exact_float32, locate_divergence, run
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -191,7 +191,8 @@ def apply_transform(img: Image.Image, t: EvalTransform) -> Tensor:
         from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
 
         img = ResizeKeepRatio((s, s), interpolation=t.interpolation, longest=1.0)(img)
-        img = CenterCropOrPad(t.size, fill=[round(255 * v) for v in t.mean])(img)
+        fill: Any = tuple(round(255 * v) for v in t.mean)
+        img = CenterCropOrPad(t.size, fill=fill)(img)
     else:  # shorter side to s, center crop
         img = F.center_crop(F.resize(img, s, interpolation=mode), [t.size, t.size])
     x = F.pil_to_tensor(img).float().div(255)
@@ -202,8 +203,8 @@ def decode(path: Path, t: EvalTransform, channels: int = 3) -> Tensor:
     """One image file through ``t``; any decoding problem raises (the caller skips the file)."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")  # decodes the whole file
+    with Image.open(path) as f:
+        img = f.convert("L" if channels == 1 else "RGB")  # decodes the whole file
     return apply_transform(img, t)
 
 
@@ -314,13 +315,14 @@ class ImageResult:
         return asdict(self)
 
     def verify_result(self, *, dtype: torch.dtype, device: str, inputs: str) -> VerifyResult:
-        """The same verdict as ``verify_models`` would give, for the report's ``verify`` object."""
+        """The report's ``verify`` object: the tolerance rule's figures as ``verify_models`` gives
+        them, this result as ``images``; ``passed`` also needs the --min-agreement check."""
         return VerifyResult(
             max_abs_diff=self.max_abs_diff,
             max_rel_diff=self.max_rel_diff,
             cosine=self.cosine,
             top1_agreement=self.top1_agreement,
-            passed=self.passed,
+            passed=self.passed and self.agreement_passed,
             atol=self.atol,
             rtol=self.rtol,
             dtype=str(dtype).replace("torch.", ""),
@@ -330,6 +332,7 @@ class ImageResult:
             diverges_at=self.diverges_at,
             accuracy_train=self.accuracy_train,
             accuracy_deploy=self.accuracy_deploy,
+            images=self,
         )
 
     def failure(self) -> str | None:
@@ -473,7 +476,7 @@ def evaluate_images(
     skipped = Skipped()
     acc = _Running()
     total = len(images.files)
-    with _no_tf32():
+    with exact_float32():
         for b in batches(images, transform, batch, channels, skipped):
             a = _forward(train, b.x, cdt, device, "training")
             d = _forward(deploy, b.x, cdt, device, "deploy")
@@ -502,7 +505,7 @@ def evaluate_images(
     worst = [w for w in acc.disagree_most() if w.rel_diff > 0]
     where = None
     if not passed and worst:
-        with _no_tf32():
+        with exact_float32():
             where = locate_divergence(train, deploy, acc.worst_x[worst[0].file], cdt, atol, rtol, device, exclude)
     norm = math.sqrt(acc.aa) * math.sqrt(acc.bb)
     cosine = acc.dot / max(norm, 1e-8) if math.isfinite(norm) else float("nan")
@@ -584,11 +587,9 @@ def report_lines(images: dict[str, Any]) -> list[str]:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{v * 100:.2f}%"
 
-    n = images["images"]
-    head = f"images: {n} from {images['folder']}" + (f" in {images['classes']} classes" if images["classes"] else "")
+    lines = [f"  transform: {images['transform']}"]
     if images["skipped"]:
-        head += f"; {images['skipped']} unreadable skipped ({', '.join(images['skipped_names'])})"
-    lines = [head, f"  transform: {images['transform']}"]
+        lines.append(f"  {images['skipped']} unreadable images skipped: {', '.join(images['skipped_names'])}")
     if images["top1_agreement"] is not None:
         line = f"  agreement train/deploy: top-1 {pct(images['top1_agreement'])}, top-5 {pct(images['top5_agreement'])}"
         if images.get("min_agreement") is not None:
@@ -612,3 +613,62 @@ def report_lines(images: dict[str, Any]) -> list[str]:
             )
         )
     return lines
+
+
+@dataclass
+class ImageOptions:
+    """What the CLI's image flags ask for (``--class-map``, ``--limit``, transform overrides,
+    ``--min-agreement``) and the progress callback; the defaults change nothing."""
+
+    class_map: str | Path | None = None
+    limit: int | None = None
+    mean: str | Sequence[float] | None = None
+    std: str | Sequence[float] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    min_agreement: float | None = None
+    progress: Progress | None = None
+
+
+def is_folder(inputs: str | Path | None) -> bool:
+    """``--inputs`` names an image folder (else a tensor file, or nothing)."""
+    return inputs is not None and Path(inputs).is_dir()
+
+
+def verify_folder(
+    train: nn.Module,
+    deploy: nn.Module,
+    fuser: Fuser,
+    plan: Plan,
+    ckpt: Checkpoint,
+    images: ImageSet,
+    *,
+    dtype: torch.dtype,
+    batch: int,
+    device: str = "cpu",
+    atol: float | None = None,
+    rtol: float | None = None,
+    resolution: int | None = None,
+    exclude: Sequence[str] = (),
+    options: ImageOptions | None = None,
+) -> VerifyResult:
+    """What the pipeline runs for ``--inputs DIR``: the family's transform with the overrides,
+    both models over the folder, the ``VerifyResult`` with ``images`` filled in."""
+    o = options or ImageOptions()
+    t = resolve_transform(
+        fuser, plan, ckpt, resolution=resolution, crop_pct=o.crop_pct, interpolation=o.interpolation, mean=o.mean,
+        std=o.std,
+    )  # fmt: skip
+    r = evaluate_images(
+        train, deploy, images, t, batch=batch, dtype=dtype, device=device, atol=atol, rtol=rtol,
+        min_agreement=o.min_agreement, channels=plan.input_size[0], exclude=exclude, progress=o.progress,
+    )  # fmt: skip
+    return r.verify_result(dtype=dtype, device=device, inputs=images.describe())
+
+
+def list_for(inputs: str | Path, options: ImageOptions | None = None) -> ImageSet:
+    """``list_images`` with the CLI's ``--class-map`` and ``--limit`` (before any model is loaded)."""
+    o = options or ImageOptions()
+    if o.min_agreement is not None and not (0 <= o.min_agreement <= 1):
+        raise BadInput(f"--min-agreement {o.min_agreement}: must be between 0 and 1")
+    return list_images(inputs, class_map=o.class_map, limit=o.limit)

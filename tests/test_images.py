@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import timm
@@ -310,3 +312,71 @@ def test_a_perturbed_deploy_weight_fails_and_names_the_images():
     assert r.images == 64 and not math.isnan(r.cosine)
     ok = evaluate_images(train, deploy, FOLDER, dataclasses.replace(t), batch=64, dtype=ck.dtype, limit=8, atol=1.0)
     assert ok.passed and ok.top1_agreement is not None
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def cli(*args: object) -> Any:
+    from typer.testing import CliRunner
+
+    from repfuse_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def repvgg_deploy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("img") / "rv.safetensors"
+    r = cli("convert", SAMPLES / "repvgg_tiny.pth.tar", "-o", out, "--inputs", FOLDER, "--limit", "16", "-q")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_cli_verify_on_the_shipped_folder_reports_agreement_and_accuracy(repvgg_deploy):
+    r = cli("verify", SAMPLES / "repvgg_tiny.pth.tar", repvgg_deploy, "--inputs", FOLDER)
+    assert r.exit_code == 0, r.output
+    assert "transform: resize 32 (bilinear), center crop 32" in r.output and "top-1 100.00%, top-5 100.00%" in r.output
+    r = cli("verify", SAMPLES / "repvgg_tiny.pth.tar", repvgg_deploy, "--inputs", FOLDER, "--json")
+    v = json.loads(r.stdout)["verify"]
+    ck, fuser, plan, train, deploy, _ = sample_models("repvgg_tiny.pth.tar")
+    expected = independent_accuracy(train, T.Compose([T.ToTensor(), T.Normalize((0.5,) * 3, (0.25,) * 3)]))
+    assert v["accuracy_train"] == v["images"]["accuracy_train"] == expected > 0.8
+    assert v["inputs"] == "256 images from heldout_images in 6 classes" and v["passed"]
+
+
+def test_cli_perturbed_deploy_file_fails_and_names_images(repvgg_deploy, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(repvgg_deploy), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(repvgg_deploy))
+    key = next(k for k in tensors if "stage3" in k and k.endswith("rbr_reparam.weight"))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] += 0.5
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    r = cli("verify", SAMPLES / "repvgg_tiny.pth.tar", bad, "--inputs", FOLDER, "--limit", "32", "--json")
+    assert r.exit_code == 1
+    worst = json.loads(r.stdout)["verify"]["images"]["disagree_most"]
+    assert len(worst) == 5 and worst[0]["file"] in r.stderr and "stage3" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--min-agreement", "1.5"], "--min-agreement"),
+        (["--interpolation", "cubic"], "--interpolation"),
+        (["--mean", "a,b"], "--mean"),
+        (["--class-map", "missing.txt"], "--class-map"),
+    ],
+)
+def test_cli_bad_image_flags_exit_2(repvgg_deploy, extra, needle):
+    r = cli("verify", SAMPLES / "repvgg_tiny.pth.tar", repvgg_deploy, "--inputs", FOLDER, "--limit", "4", *extra)
+    assert r.exit_code == 2 and needle in r.stderr and "Traceback" not in r.output
+
+
+def test_cli_image_flags_need_an_image_folder(repvgg_deploy):
+    r = cli("verify", SAMPLES / "repvgg_tiny.pth.tar", repvgg_deploy, "--limit", "4")
+    assert r.exit_code == 2 and "--limit applies to an image folder" in r.stderr

@@ -686,10 +686,10 @@ class VanillaNetFuser(Fuser):
             used.append("imagenet_default_mean_and_std")
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if default_norm is not False else (INCEPTION_MEAN, INCEPTION_STD)
         crop = args.get("crop_pct")
-        crop_ok = isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1
-        if crop_ok:
+        crop_pct = 224 / 256
+        if isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1:
             used.append("crop_pct")
-        crop_pct = float(crop) if crop_ok else 224 / 256
+            crop_pct = float(crop)
         if size <= 32:  # resize_im is false: the image goes in as it is
             geometry: dict[str, Any] = {"crop_pct": 1.0, "resize": size}
             how = "no resize at 32 px or below"
