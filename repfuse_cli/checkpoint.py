@@ -282,7 +282,7 @@ def load_checkpoint(path: str | os.PathLike, key: str | None = None, trust: bool
     extras = (
         {}
         if chosen is None and _is_weights(obj)
-        else {k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")}
+        else {k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "config", "version", "metric")}
     )
     entries = {} if chosen is None and _is_weights(obj) else {str(k): _describe(v) for k, v in obj.items()}
     mapped = file_mappings(path, sd.values()) if fmt == "torch" else ()

@@ -82,13 +82,17 @@ def verify_lines(v: VerifyResult | None) -> list[Text]:
             style="dim",
         ),
     ]
-    if v.accuracy_train is not None and v.accuracy_deploy is not None:
+    if v.accuracy_train is not None and v.accuracy_deploy is not None and v.images is None:
         lines.append(
             Text(
                 f"  accuracy on the labelled inputs: train {v.accuracy_train * 100:.2f}%, "
                 f"deploy {v.accuracy_deploy * 100:.2f}%"
             )
         )
+    if v.images is not None:
+        from .images import report_lines
+
+        lines += [Text(line) for line in report_lines(v.images.to_dict())]
     if v.diverges_at:
         lines.append(Text(f"  outputs first diverge at `{v.diverges_at}`", style="red"))
     return lines

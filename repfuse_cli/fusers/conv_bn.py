@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, RepfuseError, UnsafeCheckpoint, first_line
 from ..fold import bn_scale_shift, fold_bn, fold_bn_into_next
-from ..fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan, timm_eval_transform
 from ..stats import is_bn
 
 PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
@@ -760,6 +760,16 @@ class ConvBnFuser(Fuser):
         folds = Folds.from_config(plan.config)
         apply_folds(model, folds.after, compute=False, concat=folds.concat, before=folds.before)
         return model.eval()
+
+    def eval_transform(self, plan: Plan, ckpt: Checkpoint) -> EvalTransform:
+        """timm models: timm's own data config (``resolve_data_config``: input size, interpolation,
+        crop_pct, crop_mode, mean, std from the model's ``pretrained_cfg``), with what the
+        checkpoint's timm train.py ``args`` record taking precedence. Other models: ImageNet
+        defaults, with recorded args (``Fuser.eval_transform``)."""
+        name = _timm_name(plan.config.get("model", ""))
+        if name is None:
+            return super().eval_transform(plan, ckpt)
+        return timm_eval_transform(name, ckpt.args, plan.input_size[0])
 
 
 def _str_lists(value: Any, length: int | None) -> list[list[str]] | None:
