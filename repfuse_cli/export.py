@@ -427,6 +427,7 @@ class Check:
     max_abs_diff: float
     max_rel_diff: float
     passed: bool
+    error: str | None = None  # onnxruntime could not run the graph on these (well-formed) inputs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -516,12 +517,22 @@ def prove(
     outs: list[Tensor] = []
 
     def compare(x: Tensor, desc: str, rows: int | None = None) -> None:
-        a = run(reference, x, torch.float32)
-        b = ort_run(session, x)
+        try:
+            a = run(reference, x, torch.float32)
+        except (RuntimeError, ValueError, IndexError) as e:  # inputs the network itself cannot take
+            raise BadInput(
+                f"the PyTorch {reference_name} cannot run on inputs of shape {tuple(x.shape)}: {first_line(e)}"
+            ) from None
+        try:
+            b = ort_run(session, x)
+        except BadInput as e:  # the graph fails where the model runs (e.g. a batch axis fixed by mistake)
+            checks.append(Check(desc, x.shape[0], math.inf, math.inf, False, str(e)))
+            return
         if rows is not None:
             a, b = a[:rows], b[:rows]
         if a.shape != b.shape:
-            checks.append(Check(desc, x.shape[0], math.inf, math.inf, False))
+            why = f"output shape {tuple(b.shape)}, expected {tuple(a.shape)}"
+            checks.append(Check(desc, x.shape[0], math.inf, math.inf, False, why))
             return
         diff, rel, _, _ = compare_outputs(a, b)
         ok = bool(diff <= atol + rtol * a.abs().max().item()) and bool(torch.isfinite(b).all())
@@ -700,7 +711,7 @@ def export_model(
         session = ort_session(staged.path)
         ref = reference if reference is not None else (train if train is not None else deploy32)
         ref_name = "training model" if (reference is not None or train is not None) else "deploy model"
-        ref32, _ = as_float32(ref)
+        ref32 = ref if not ref.training else copy.deepcopy(ref).eval()  # `run` computes in float32 itself
         verify, checks = prove(
             session,
             ref32,
@@ -747,11 +758,13 @@ def export_model(
         )
         if not verify.passed:
             result.output = result.data_file = None
+            failed = next(c for c in checks if not c.passed)
+            detail = f"; on {failed.inputs}: {failed.error}" if failed.error else ""
             result.seconds = round(time.perf_counter() - t0, 3)
             raise VerifyFailed(
                 f"{out}: onnxruntime's outputs differ from the PyTorch {ref_name}: max abs diff "
                 f"{verify.max_abs_diff:.3g}, max rel diff {verify.max_rel_diff:.3g} (tolerance atol "
-                f"{verify.atol:g}, rtol {verify.rtol:g}); no file written",
+                f"{verify.atol:g}, rtol {verify.rtol:g}){detail}; no file written",
                 result=result.to_dict(),
             )
         on_step("save")

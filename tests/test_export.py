@@ -6,6 +6,7 @@ per module and shared; the remaining tests use tiny toy networks.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from repfuse_cli.export import (
     export,
     export_model,
     op_counts,
+    prove,
     require_onnx,
 )
 from repfuse_cli.verification import run
@@ -259,6 +261,11 @@ def test_half_precision_model_exports_as_float32_with_a_note(tmp_path):
     assert all(t.data_type != onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
     assert next(model.parameters()).dtype == torch.float16  # the caller's module is untouched
 
+    # a graph whose batch axis is fixed fails the two-batch-size proof (not a crash: exit 1)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    v, checks = prove(sess, model, (3, 8, 8), dtype=torch.float16, dynamic_batch=True, batch=3)
+    assert not v.passed and [c.passed for c in checks] == [True, False] and "(3, 3, 8, 8)" in checks[1].error
+
 
 def test_opsets_the_exporter_does_not_write_are_refused(tmp_path):
     for bad in (17, 11, 99):
@@ -325,3 +332,17 @@ def test_bench_onnxruntime_rows(tmp_path):
     rows = bench_onnxruntime(toy(), toy(), (3, 8, 8), batches=(1, 2), warmup=1, repeats=2)
     assert [(r.batch, r.mode) for r in rows] == [(1, "onnxruntime"), (2, "onnxruntime")]
     assert all(r.train_ms > 0 and r.deploy_ms > 0 for r in rows)
+
+
+def test_report_renders_the_op_table(repvgg_export):
+    from rich.console import Console
+
+    from repfuse_cli.export_report import export_report
+
+    _, res = repvgg_export
+    console = Console(file=io.StringIO(), width=140)
+    console.print(export_report(res))
+    text = console.file.getvalue()
+    assert "verification under onnxruntime: PASSED" in text
+    row = next(line for line in text.splitlines() if "BatchNormalization" in line)
+    assert [c.strip() for c in row.split("│")[1:5]] == ["BatchNormalization", "2", "0", "-2"]
