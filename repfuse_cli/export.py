@@ -632,7 +632,7 @@ def export_model(
     input_size: tuple[int, int, int],
     reference: nn.Module | None = None,
     train: nn.Module | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     opset: int = DEFAULT_OPSET,
     static_batch: bool = False,
     batch: int | None = None,
@@ -650,8 +650,8 @@ def export_model(
     (default: ``train``, else ``deploy`` itself in PyTorch) before the file is moved into place.
 
     ``train``: the training model, exported the same way (in memory) for ``ops_before``;
-    ``dtype``: the source weights' dtype (sets the default tolerances; non-float32 models are
-    exported as float32 and the result says so); ``batch``: the second seeded batch size
+    ``dtype``: the source weights' dtype (default: ``deploy``'s; it sets the default tolerances;
+    non-float32 models are exported as float32 and the result says so); ``batch``: the second seeded batch size
     (dynamic; default 3) or the fixed batch (``static_batch``; default 1); ``inputs``: extra
     inputs (a tensor, an iterable of (N, C, H, W) tensors, or a .pt/.npy/.safetensors file);
     ``external_data_threshold``: initializer bytes from which weights go to ``<output>.data``;
@@ -672,8 +672,11 @@ def export_model(
         raise BadInput(f"--batch {batch}: must be >= 1")
 
     on_step("export")
-    deploy32, converted = as_float32(deploy)
-    if converted or dtype != torch.float32:
+    if dtype is None:
+        floats = (t.dtype for t in [*deploy.parameters(), *deploy.buffers()] if t.is_floating_point())
+        dtype = next(floats, torch.float32)
+    deploy32, _ = as_float32(deploy)
+    if dtype != torch.float32:
         notes.append(
             f"{str(dtype).replace('torch.', '')} weights exported as float32 "
             "(onnxruntime's CPU provider cannot verify a half-precision graph well)"
