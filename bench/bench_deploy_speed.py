@@ -23,7 +23,7 @@ Method:
   deploy=True)`` / ``build_repvgg(config, deploy=True)`` on the CPU, then ``load_state_dict`` of the
   fused tensors). For VanillaNet also that model against itself with its merged 1x1 weights
   (``stages.i.conv``, ``cls.2``) stored transposed (same values, strides (1, O, ., .), not
-  contiguous), a layout an in-place conversion can leave behind (REFERENCE §1 latency trap). These
+  contiguous), a layout an in-place conversion can leave behind (the official in-place ``switch_to_deploy`` does). These
   pairs are timed interleaved (A B, then B A, per round, same input, after warm-up), which cancels
   drift in machine load better than back-to-back blocks; ratio = median over rounds of the paired
   A/B ratio, with a distribution-free 95% confidence interval of that median (ratio of medians and
@@ -55,7 +55,8 @@ from torch import nn  # noqa: E402
 
 from repfuse_cli.benchmark import _time_once as _time  # noqa: E402  (the `repfuse bench` timer)
 from repfuse_cli.benchmark import bench_models  # noqa: E402
-from repfuse_cli.pipeline import load_deploy, run_conversion  # noqa: E402
+from repfuse_cli.deployfile import load_deploy  # noqa: E402
+from repfuse_cli.pipeline import run_conversion  # noqa: E402
 
 MODELS = {"vanillanet_5": "vanillanet", "vanillanet_13": "vanillanet", "RepVGG-A0": "repvgg", "RepVGG-B3": "repvgg"}
 SAME_TARGET = 1.03

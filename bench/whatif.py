@@ -84,15 +84,23 @@ def _merge_block_fp32(block, name: str = "block", **_kw):
     return kernel, bias
 
 
+def _patch(module: object, name: str, new: object) -> None:
+    """Replace ``module.name``, refusing loudly if repfuse no longer has it (a rename would
+    otherwise leave the patch unused and the what-if row silently measuring repfuse itself)."""
+    if not callable(getattr(module, name, None)):
+        raise SystemExit(f"bench/whatif.py: {getattr(module, '__name__', module)}.{name} is gone; update the patch")
+    setattr(module, name, new)
+
+
 def apply(fp32_math: bool = False, no_stats: bool = False) -> None:
     import repfuse_cli.pipeline as pipeline
     from repfuse_cli.fusers import repvgg, vanillanet
 
     if fp32_math:
-        vanillanet.fold_bn = _fold_bn_fp32
-        vanillanet.merge_1x1 = _merge_1x1_fp32
-        repvgg.merge_block = _merge_block_fp32
+        _patch(vanillanet, "fold_bn", _fold_bn_fp32)
+        _patch(vanillanet, "merge_1x1", _merge_1x1_fp32)
+        _patch(repvgg, "merge_block", _merge_block_fp32)
     if no_stats:
         from repfuse_cli.stats import ModelStats
 
-        pipeline.model_stats = lambda model, shape: ModelStats(0, 0, 0, 0, 0, 0, 0, 0)
+        _patch(pipeline, "model_stats", lambda model, shape: ModelStats(0, 0, 0, 0, 0, 0, 0, 0))

@@ -9,20 +9,22 @@ Python API (imports torch on first use, not at ``import repfuse_cli``)::
 
 from __future__ import annotations
 
+from typing import Any
+
 __version__ = "0.1.0"
 __all__ = ["convert", "load_deploy", "load_checkpoint", "verify", "inspect", "Options", "__version__"]
 
 _LAZY = {
     "convert": ("repfuse_cli.pipeline", "convert"),
-    "load_deploy": ("repfuse_cli.pipeline", "load_deploy"),
+    "load_deploy": ("repfuse_cli.deployfile", "load_deploy"),
     "load_checkpoint": ("repfuse_cli.checkpoint", "load_checkpoint"),
-    "verify": ("repfuse_cli.pipeline", "verify_files"),
-    "inspect": ("repfuse_cli.pipeline", "inspect_file"),
+    "verify": ("repfuse_cli.commands", "verify"),
+    "inspect": ("repfuse_cli.commands", "inspect"),
     "Options": ("repfuse_cli.fuser", "Options"),
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

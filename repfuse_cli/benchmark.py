@@ -11,9 +11,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from .verification import exact_float32
 
 
 @dataclass
@@ -24,7 +27,7 @@ class LatencyRow:
     deploy_ms: float
     speedup: float  # train_ms / deploy_ms
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -66,15 +69,26 @@ def bench_models(
 
     The models are moved to ``device`` in float32 (a copy is not made: pass models you own).
     """
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
+    with exact_float32(cudnn_benchmark=True):
+        return _bench(train, deploy, input_size, batches, device, compile, warmup, repeats, seed)
+
+
+def _bench(
+    train: nn.Module,
+    deploy: nn.Module,
+    input_size: tuple[int, int, int],
+    batches: tuple[int, ...],
+    device: str,
+    compile: bool,
+    warmup: int,
+    repeats: int,
+    seed: int,
+) -> list[LatencyRow]:
     train = train.to(device=device, dtype=torch.float32).eval()
     deploy = deploy.to(device=device, dtype=torch.float32).eval()
     variants = [("eager", train, deploy)]
     if compile:
-        variants.append(("compiled", torch.compile(train), torch.compile(deploy)))
+        variants.append(("compiled", torch.compile(train), torch.compile(deploy)))  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
     rows = []
     for mode, t, d in variants:

@@ -9,14 +9,12 @@ running them). Only ``trust=True`` (the CLI's ``--trust-checkpoint``) loads such
 from __future__ import annotations
 
 import argparse
-import ctypes
-import functools
 import hashlib
 import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import BadInput, KeyMismatch, UnsafeCheckpoint, first_line
+from .memory import file_mappings, release_pages
 
 PREFIXES = ("module.", "_orig_mod.")
 # Keys that hold non-EMA weights in the wild, in order of preference.
@@ -95,103 +94,18 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-_MADV_DONTNEED = 4  # linux/mman.h
-_PM_FILE, _PM_SWAP = 1 << 61, 1 << 62  # /proc/self/pagemap entry bits; bit 63 (present) is the sign bit
-
-
-def file_mappings(path: Path, tensors: Iterable[Tensor]) -> tuple[tuple[int, int], ...]:
-    """The (start, end) address ranges of this process's mappings of ``path`` that hold
-    ``tensors`` (only those: another, older mapping of the same file may be unmapped and its
-    addresses reused while ours lives); () where that cannot be told (not Linux, no /proc)."""
-    try:
-        ino = str(path.stat().st_ino)
-        maps = []
-        with open("/proc/self/maps") as f:
-            for line in f:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and fields[4] == ino:
-                    start, end = (int(a, 16) for a in fields[0].split("-"))
-                    maps.append((start, end))
-    except (OSError, ValueError):
-        return ()
-    ptrs = {
-        t.untyped_storage().data_ptr()
-        for t in tensors
-        if isinstance(t, Tensor) and t.device.type == "cpu" and t.numel()
-    }
-    return tuple(m for m in maps if any(m[0] <= p < m[1] for p in ptrs))
-
-
-@functools.cache
-def _madvise() -> Any:
-    try:
-        f = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):  # no C library to call, or no madvise in it
-        return None
-    f.argtypes, f.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return f
-
-
-def _unwritten_runs(lo: int, hi: int, page: int) -> list[tuple[int, int]]:
-    """The runs of pages in [lo, hi) that still show the file: mapped from the page cache, or
-    not mapped at all. A page written in a private mapping is an anonymous copy (no file bit);
-    dropping it would bring back the file's bytes, so such pages are never in a run."""
-    n = (hi - lo) // page
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(lo // page * 8)
-        raw = f.read(n * 8)
-    if len(raw) != n * 8:
-        return []
-    e = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-    written = ((e & _PM_FILE) == 0) & ((e < 0) | ((e & _PM_SWAP) != 0))  # anonymous, and present or swapped
-    runs, first = [], 0
-    for i in [*written.nonzero().flatten().tolist(), n]:
-        if i > first:
-            runs.append((lo + first * page, lo + i * page))
-        first = i + 1
-    return runs
-
-
-def release_pages(tensors: Iterable[Tensor | None], ranges: tuple[tuple[int, int], ...]) -> int:
-    """``madvise(MADV_DONTNEED)`` the whole pages of each tensor's storage that lie inside one
-    of ``ranges`` (file mappings: such pages are read from the file again when touched) and
-    that were never written (see :func:`_unwritten_runs`). Returns the bytes released; 0 where
-    madvise or /proc/self/pagemap is unavailable."""
-    madvise = _madvise()
-    if madvise is None or not ranges:
-        return 0
-    page = os.sysconf("SC_PAGE_SIZE")
-    released = 0
-    for t in tensors:
-        if t is None or t.device.type != "cpu" or not t.numel():
-            continue
-        storage = t.untyped_storage()
-        start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
-        lo, hi = -(-start // page) * page, end // page * page
-        if hi <= lo or not any(a <= lo and hi <= b for a, b in ranges):
-            continue
-        try:
-            runs = _unwritten_runs(lo, hi, page)
-        except OSError:
-            return released
-        for a, b in runs:
-            if madvise(a, b - a, _MADV_DONTNEED) == 0:
-                released += b - a
-    return released
-
-
 def float_dtype(state_dict: Mapping[str, Tensor]) -> torch.dtype:
     """The dtype of the floating-point weights (the most common one)."""
     counts: dict[torch.dtype, int] = {}
     for t in state_dict.values():
         if t.is_floating_point():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
+    return max(counts, key=lambda d: counts[d]) if counts else torch.float32
 
 
-def _safe_globals() -> list:
+def _safe_globals() -> list[Any]:
     """The harmless non-tensor types that training scripts put into checkpoints."""
-    allowed: list = [argparse.Namespace]
+    allowed: list[Any] = [argparse.Namespace]
     try:
         import numpy as np
     except ImportError:  # no numpy: files with numpy scalars cannot be read anyway
@@ -199,7 +113,7 @@ def _safe_globals() -> list:
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
     # numpy 1 pickles scalars as numpy.core..., numpy 2 as numpy._core...: allow both spellings
     allowed += [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
     allowed.append(np.dtype)
@@ -444,6 +358,6 @@ def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Mo
     return model.eval()
 
 
-def _tensors(model: nn.Module):
+def _tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     yield from model.named_parameters()
     yield from model.named_buffers()

@@ -14,19 +14,24 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from .errors import RepfuseError, first_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pipeline import Source
+    from .results import Result
 
 app = typer.Typer(
     name="repfuse",
     help="Fuse re-parameterized CNN checkpoints (VanillaNet, RepVGG, any conv-BN network) into "
     "verified deploy-mode safetensors. Exit codes: 0 ok, 1 verification failed, 2 bad input.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 
@@ -100,15 +105,18 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _show(result: dict, json_out: bool, quiet: bool, render) -> None:
+R = TypeVar("R", bound="Result")
+
+
+def _show(result: R, json_out: bool, quiet: bool, render: Callable[[R], RenderableType]) -> None:
     """A command's result: one JSON object with --json, else ``render``'s tables unless --quiet."""
     if json_out:
-        _emit_json(result)
+        _emit_json(result.to_dict())
     elif not quiet:
         out_console.print(render(result))
 
 
-def _fail(msg: str, code: int, json_out: bool, result: dict | None = None) -> typer.Exit:
+def _fail(msg: str, code: int, json_out: bool, result: dict[str, Any] | None = None) -> typer.Exit:
     print(f"repfuse: error: {msg}", file=sys.stderr)
     if json_out:
         _emit_json({**(result or {}), "error": msg, "exit_code": code})
@@ -135,7 +143,7 @@ def _errors(json_out: bool) -> Iterator[None]:
         raise _fail(msg, INTERNAL_ERROR, json_out) from None
 
 
-def _progress(enabled: bool, steps: int = 7):
+def _progress(enabled: bool, steps: int = 7) -> tuple[contextlib.AbstractContextManager[Any], Callable[[str], None]]:
     """A progress bar on stderr over the pipeline's steps; returns (context, on_step)."""
     if not enabled or not err_console.is_terminal:  # no bar (and no stray newline) in logs and pipes
         return contextlib.nullcontext(), lambda _step: None
@@ -168,6 +176,24 @@ def _one_step(step: str, progress: bool, call: Callable[[], Any]) -> Any:
         return call()
 
 
+def _source(
+    path: Path,
+    arch: str,
+    model: str | None,
+    variant: str | None,
+    key: str | None,
+    trust: bool,
+    assume_annealed: bool,
+    resolution: int | None,
+) -> Source:
+    """The options every command shares, as the one value the library takes."""
+    from .fuser import Options
+    from .pipeline import Source
+
+    options = Options(variant=variant, model=model, assume_annealed=assume_annealed)
+    return Source(path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
+
+
 @app.command()
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="Training checkpoint (.pth, .pt, .pth.tar, .bin, .safetensors).")],
@@ -193,8 +219,7 @@ def convert(
 ) -> None:
     """Fuse a training checkpoint into a verified deploy-mode safetensors file."""
     with _errors(json_out):
-        from .fuser import Options
-        from .pipeline import convert as run_convert
+        from .pipeline import run_conversion
         from .report import conversion_report
 
         if trust_checkpoint and not quiet:
@@ -203,24 +228,12 @@ def convert(
             )
         ctx, on_step = _progress(not (quiet or json_out))
         with ctx:
-            result = run_convert(
-                checkpoint,
-                output,
-                arch=arch,
-                key=key,
-                force=force,
-                trust=trust_checkpoint,
-                options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
-                verify=not no_verify,
-                resolution=resolution,
-                batch=batch,
-                seed=seed,
-                atol=atol,
-                rtol=rtol,
-                report=json_out or not quiet,
-                on_step=on_step,
-            )
-        _show(result, json_out, quiet, conversion_report)
+            conv = run_conversion(
+                _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution),
+                output, force=force, verify=not no_verify, batch=batch, seed=seed, atol=atol, rtol=rtol,
+                report=json_out or not quiet, on_step=on_step,
+            )  # fmt: skip
+        _show(conv.result, json_out, quiet, conversion_report)
 
 
 @app.command()
@@ -250,28 +263,22 @@ def verify(
 ) -> None:
     """Prove a deploy file computes what the training checkpoint computes (exit 0), or say where not (exit 1)."""
     with _errors(json_out):
-        from .fuser import Options
-        from .pipeline import verify_files
+        from .commands import verify_files
         from .report import verify_report
 
         result = _one_step(
             "verify",
             not (quiet or json_out),
             lambda: verify_files(
-                checkpoint,
+                _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution),
                 deploy,
-                arch=arch,
-                key=key,
-                trust=trust_checkpoint,
                 inputs=inputs,
                 batch=batch,
-                options=Options(variant=variant, model=model, assume_annealed=assume_annealed),
-                resolution=resolution,
                 seed=seed,
                 atol=atol,
                 rtol=rtol,
                 device=device,
-            ),
+            ),  # fmt: skip
         )
         _show(result, json_out, quiet, verify_report)
 
@@ -287,11 +294,10 @@ def inspect(
 ) -> None:
     """Show what a file holds and what a conversion would do, before converting."""
     with _errors(json_out):
-        from .fuser import Options
-        from .pipeline import inspect_file
+        from .commands import inspect_file
         from .report import inspect_report
 
-        result = inspect_file(checkpoint, key=key, arch=arch, options=Options(model=model), trust=trust_checkpoint)
+        result = inspect_file(_source(checkpoint, arch, model, None, key, trust_checkpoint, False, None))
         _show(result, json_out, False, inspect_report)
 
 
@@ -317,27 +323,21 @@ def bench(
 ) -> None:
     """Measure the training model (eval) against the deploy model: latency and speedup per batch size."""
     with _errors(json_out):
-        from .fuser import Options
-        from .pipeline import bench_file
+        from .commands import bench_file
         from .report import bench_table
 
         result = _one_step(
             "bench",
             not (quiet or json_out),
             lambda: bench_file(
-                checkpoint,
+                _source(checkpoint, arch, model, None, key, trust_checkpoint, assume_annealed, resolution),
                 deploy,
-                arch=arch,
-                key=key,
-                trust=trust_checkpoint,
-                options=Options(model=model, assume_annealed=assume_annealed),
                 batches=tuple(batch or [1]),
-                resolution=resolution,
                 device=device,
                 compile=compile,
                 warmup=warmup,
                 repeats=repeats,
-            ),
+            ),  # fmt: skip
         )
         _show(result, json_out, quiet, bench_table)
 
@@ -357,7 +357,7 @@ def archs(json_out: JsonOpt = False) -> None:
 
 @app.callback(invoke_without_command=True)
 def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.")] = False,
 ) -> None:
     if version:
         from . import __version__
@@ -366,7 +366,7 @@ def _root(
         raise typer.Exit(0)
 
 
-def _on_sigterm(signum, _frame):
+def _on_sigterm(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # CI cancellations send SIGTERM: clean up like Ctrl-C, no partial file
 
 
@@ -375,7 +375,7 @@ def main() -> None:
     try:  # typer >= 0.16 vendors click
         from typer._click import exceptions as cx
     except ImportError:  # pragma: no cover
-        from click import exceptions as cx
+        from click import exceptions as cx  # type: ignore[no-redef]
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:

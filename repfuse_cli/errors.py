@@ -10,6 +10,8 @@ Anything else (a traceback) is a bug in repfuse.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 def first_line(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type name if empty), at most ``limit`` chars."""
@@ -52,6 +54,6 @@ class VerifyFailed(RepfuseError):
 
     exit_code = 1
 
-    def __init__(self, message: str, result=None):
+    def __init__(self, message: str, result: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.result = result

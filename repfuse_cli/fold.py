@@ -1,11 +1,13 @@
 """The fusion math, once: small pure functions on tensors that every fuser uses.
 
 All functions compute in float64 and return float64 tensors; callers cast back to the
-checkpoint's dtype once, at the very end (folding in fp16 triples the error, REFERENCE §3).
+checkpoint's dtype once, at the very end (folding in fp16 and casting after loses more than the one final rounding).
 No function mutates its arguments.
 """
 
 from __future__ import annotations
+
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -26,13 +28,17 @@ def standard_layout(t: Tensor) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
+@overload
+def _f64(t: Tensor) -> Tensor: ...
+@overload
+def _f64(t: None) -> None: ...
 def _f64(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().to(F64)
 
 
 def bn_scale_shift(
-    running_mean: Tensor,
-    running_var: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
@@ -42,8 +48,10 @@ def bn_scale_shift(
 
     ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``. ``weight``/``bias``
     None means ``affine=False`` (gamma 1, beta 0). Raises BadInput naming ``name`` when a
-    variance is negative or a statistic is not finite.
+    variance is negative or a statistic is not finite or missing (``track_running_stats=False``).
     """
+    if running_mean is None or running_var is None:
+        raise BadInput(f"{name}: no running statistics to fold (track_running_stats=False)")
     mean, var = _f64(running_mean), _f64(running_var)
     if not torch.isfinite(var).all() or not torch.isfinite(mean).all():
         raise BadInput(f"{name}: running statistics are not finite")
@@ -106,10 +114,9 @@ def merge_1x1(
     in float64. ``*_scale``/``*_shift`` (from :func:`bn_scale_shift`) fold the BN that follows
     each conv on the way, exactly as :func:`fold_bn` would. The product is computed in blocks of
     ``block_rows`` rows of both operands and written in ``out_dtype`` (default float64), so no
-    whole float64 copy of either weight or of the product exists (300 MB each for
-    vanillanet_13_x1_5's 6144x6144 merges); the bias stays float64. 512 rows keep each float64
-    block (25 MB at 6144 columns) under glibc's largest mmap threshold, so blocks are reused
-    rather than mapped and zero-filled anew: 1.2-1.4x faster than 1024 on that merge.
+    whole float64 copy of either weight or of the product exists; the bias stays float64. 512
+    rows keep each float64 block (25 MB at 6144 columns) under glibc's largest mmap threshold,
+    so blocks are reused rather than mapped and zero-filled anew (bench/RESULTS.md measures it).
     """
     rows, mid = outer_w.shape[0], outer_w.shape[1]
     wo = outer_w.detach().reshape(rows, mid)
@@ -125,16 +132,14 @@ def merge_1x1(
         return w if si is None else w * si[k, None]
 
     # folded biases: b' = b * scale + shift
-    bi = None if inner_b is None else _f64(inner_b) * (1.0 if si is None else si)
-    if inner_shift is not None:
-        bi = _f64(inner_shift) if bi is None else bi + _f64(inner_shift)
-    b = torch.zeros(rows, dtype=F64) if outer_b is None else _f64(outer_b) * (1.0 if so is None else so)
-    if outer_shift is not None:
-        b = b + _f64(outer_shift)
+    bi = _affine(inner_b, si, inner_shift)
+    b = _affine(outer_b, so, outer_shift)
+    if b is None:
+        b = torch.zeros(rows, dtype=F64)
 
     # Plain matmuls into a row-major buffer, then a view: standard strides. (An einsum leaves a
     # merged 1x1 kernel with strides that also read as channels_last, which changes which conv
-    # kernel runs: weight layout matters to speed, REFERENCE §1.)
+    # kernel runs: weight layout matters to speed.)
     w = torch.empty(rows, wi.shape[1], dtype=out_dtype or F64)
     inner_blocks = [slice(k, k + block_rows) for k in range(0, mid, block_rows)]
     for start in range(0, rows, block_rows):
@@ -147,6 +152,17 @@ def merge_1x1(
         if bi is not None:
             b[r] += o @ bi
     return w.reshape(rows, *inner_w.shape[1:]), b
+
+
+def _affine(bias: Tensor | None, scale: Tensor | None, shift: Tensor | None) -> Tensor | None:
+    """``bias * scale + shift`` in float64, each part optional (None when all are); always a new
+    tensor (the caller adds into it)."""
+    out = None if bias is None else bias.detach().to(F64, copy=True)
+    if out is not None and scale is not None:
+        out = out * scale
+    if shift is not None:
+        out = shift.detach().to(F64, copy=True) if out is None else out + _f64(shift)
+    return out
 
 
 def pad_kernel(weight: Tensor, size: int | tuple[int, ...]) -> Tensor:
@@ -188,7 +204,8 @@ def add_centered(kernel: Tensor, small: Tensor) -> Tensor:
     if any((a - b) % 2 or b > a for a, b in zip(k, m, strict=True)):
         raise ValueError(f"cannot center a {tuple(m)} kernel in {tuple(k)}")
     window = tuple(slice((a - b) // 2, (a - b) // 2 + b) for a, b in zip(k, m, strict=True))
-    kernel[(slice(None), slice(None), *window)] += _f64(small)
+    index: tuple[slice, ...] = (slice(None), slice(None), *window)
+    kernel[index] += _f64(small)
     return kernel
 
 
@@ -202,6 +219,7 @@ def add_identity(kernel: Tensor, scale: Tensor, first_row: int = 0) -> Tensor:
     """
     per_group = kernel.shape[1]
     idx = torch.arange(first_row, first_row + kernel.shape[0])
-    center = tuple(s // 2 for s in kernel.shape[2:])
-    kernel[(idx - first_row, idx % per_group, *center)] += _f64(scale)
+    center = [s // 2 for s in kernel.shape[2:]]
+    index: tuple[Tensor | int, ...] = (idx - first_row, idx % per_group, *center)
+    kernel[index] += _f64(scale)
     return kernel

@@ -146,6 +146,12 @@ class Fuser(ABC):
     def build_deploy(self, plan: Plan) -> nn.Module:
         """An empty deploy-mode model (meta device is fine) for ``plan`` (config from ``fuse``)."""
 
+    def folded_modules(self, plan: Plan) -> list[str]:
+        """Modules of the training model whose own output the deploy model does not reproduce
+        (a conv whose BN was folded into it computes conv+BN): verification does not compare the
+        two models at these when it looks for where they diverge. Default: none."""
+        return []
+
     def eval_transform(self, plan: Plan, ckpt: Checkpoint) -> EvalTransform:
         """The evaluation transform of the family's official training code for this checkpoint
         (its recorded training arguments, e.g. ``ckpt.args``, take precedence over defaults).

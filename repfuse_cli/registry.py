@@ -16,10 +16,15 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UnknownArch
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .fuser import Fuser
+
 ENTRY_POINT_GROUP = "repfuse.fusers"
+F = TypeVar("F", bound="Fuser")
 
 # name -> (import target, one-line summary). Order is the order `--arch auto` tries them.
 BUILTIN: dict[str, tuple[str, str]] = {
@@ -37,7 +42,7 @@ BUILTIN: dict[str, tuple[str, str]] = {
     ),
 }
 
-_REGISTERED: dict[str, type] = {}  # classes registered with @register_fuser
+_REGISTERED: dict[str, type[Fuser]] = {}  # classes registered with @register_fuser
 
 
 @dataclass(frozen=True)
@@ -47,7 +52,7 @@ class FuserInfo:
     origin: str  # "built-in", "plugin: pkg.mod:Class" or "registered"
 
 
-def register_fuser(cls: type) -> type:
+def register_fuser(cls: type[F]) -> type[F]:
     """Class decorator: make a Fuser subclass available under ``cls.name``."""
     name = getattr(cls, "name", None)
     if not name:
@@ -75,12 +80,12 @@ def list_fusers() -> list[FuserInfo]:
     return infos
 
 
-def _import(target: str):
+def _import(target: str) -> Any:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
-def get_fuser(name: str):
+def get_fuser(name: str) -> Fuser:
     """Return an instance of the fuser registered as ``name``; UnknownArch if none is."""
     if name in _REGISTERED:
         return _REGISTERED[name]()
@@ -97,6 +102,6 @@ def get_fuser(name: str):
     raise UnknownArch(f"no fuser named `{name}` (available: {', '.join(names)})")
 
 
-def all_fusers():
+def all_fusers() -> list[Fuser]:
     """Instances of every fuser, in auto-detection order (built-ins first)."""
     return [get_fuser(i.name) for i in list_fusers()]

@@ -1,13 +1,20 @@
-"""Rendering results as rich tables. Takes the JSON-ready dicts the library returns, so the
-tables and ``--json`` always say the same thing."""
+"""Rendering results as rich tables. Takes the typed results the library returns (the same
+objects ``--json`` prints with ``to_dict()``), so the tables and the JSON always agree."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import FuserInfo
+    from .results import BenchReport, ConversionResult, InspectReport, VerifyReport
+    from .stats import ModelStats
+    from .verification import VerifyResult
 
 ROWS = (
     ("params", "Parameters", "count"),
@@ -45,88 +52,81 @@ def change(before: float | None, after: float | None) -> str:
     return "0%" if abs(pct) < 0.005 else f"{pct:+.2f}%"
 
 
-def stats_table(before: dict[str, Any], after: dict[str, Any], resolution: int) -> Table:
+def stats_table(before: ModelStats | None, after: ModelStats | None, resolution: int) -> Table:
     t = Table(title=f"Training model vs deploy model (input {resolution}x{resolution}, batch 1)", title_justify="left")
     t.add_column("")
     t.add_column("train", justify="right")
     t.add_column("deploy", justify="right")
     t.add_column("change", justify="right")
     for key, label, kind in ROWS:
-        b, a = before.get(key), after.get(key)
+        b, a = getattr(before, key, None), getattr(after, key, None)
         t.add_row(label, human(b, kind), human(a, kind), change(b, a))
     return t
 
 
-def verify_lines(v: dict[str, Any] | None) -> list[Text]:
+def verify_lines(v: VerifyResult | None) -> list[Text]:
     if v is None:
         return [Text("verification: skipped (--no-verify)", style="yellow")]
-    ok = v["passed"]
+    ok = v.passed
     line = Text("verification: ")
     line.append("PASSED" if ok else "FAILED", style="bold green" if ok else "bold red")
-    line.append(
-        f"  max abs diff {v['max_abs_diff']:.3g}, max rel diff {v['max_rel_diff']:.3g}, cosine {v['cosine']:.9f}"
-    )
-    if v.get("top1_agreement") is not None:
-        line.append(f", top-1 agreement {v['top1_agreement'] * 100:.2f}%")
+    line.append(f"  max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g}, cosine {v.cosine:.9f}")
+    if v.top1_agreement is not None:
+        line.append(f", top-1 agreement {v.top1_agreement * 100:.2f}%")
     lines = [
         line,
         Text(
-            f"  on {v['inputs']}; {v['dtype']} weights computed in {v['compute_dtype']} "
-            f"on {v['device']}; tolerance atol {v['atol']:g} + rtol {v['rtol']:g} x max|output|",
+            f"  on {v.inputs}; {v.dtype} weights computed in {v.compute_dtype} "
+            f"on {v.device}; tolerance atol {v.atol:g} + rtol {v.rtol:g} x max|output|",
             style="dim",
         ),
     ]
-    if v.get("accuracy_train") is not None:
+    if v.accuracy_train is not None and v.accuracy_deploy is not None:
         lines.append(
             Text(
-                f"  accuracy on the labelled inputs: train {v['accuracy_train'] * 100:.2f}%, "
-                f"deploy {v['accuracy_deploy'] * 100:.2f}%"
+                f"  accuracy on the labelled inputs: train {v.accuracy_train * 100:.2f}%, "
+                f"deploy {v.accuracy_deploy * 100:.2f}%"
             )
         )
-    if v.get("diverges_at"):
-        lines.append(Text(f"  outputs first diverge at `{v['diverges_at']}`", style="red"))
+    if v.diverges_at:
+        lines.append(Text(f"  outputs first diverge at `{v.diverges_at}`", style="red"))
     return lines
 
 
-def conversion_report(r: dict[str, Any]) -> Group:
-    parts: list[Any] = [stats_table(r["before"], r["after"], r["resolution"])]
-    key = r["key"] or "(bare state_dict)"
-    if r.get("stripped_prefixes"):
-        key += f" (key prefixes {', '.join(f'`{p}`' for p in r['stripped_prefixes'])} stripped)"
-    ema = r.get("ema_available") or []
-    if ema and r["key"] not in ema:
-        key += f"  [yellow](EMA weights also present: {', '.join(ema)}; use --key to choose them)[/]"
+def conversion_report(r: ConversionResult) -> Group:
+    parts: list[Any] = [stats_table(r.before, r.after, r.resolution)]
+    key = r.key or "(bare state_dict)"
+    if r.stripped_prefixes:
+        key += f" (key prefixes {', '.join(f'`{p}`' for p in r.stripped_prefixes)} stripped)"
+    if r.ema_available and r.key not in r.ema_available:
+        key += f"  [yellow](EMA weights also present: {', '.join(r.ema_available)}; use --key to choose them)[/]"
     parts.append(
         Text.from_markup(
-            f"architecture: [bold]{r['arch']}[/]  variant: [bold]{r['variant']}[/]  "
-            f"layout: {r['layout']}  dtype: {r['dtype']}"
+            f"architecture: [bold]{r.arch}[/]  variant: [bold]{r.variant}[/]  layout: {r.layout}  dtype: {r.dtype}"
         )
     )
     parts.append(Text.from_markup(f"weights: {key}"))
-    fused = r.get("fused") or {}
     desc = {
         "bn_folded": "BN folds",
         "branch_merges": "branch merges",
         "chain_merges": "1x1 chain merges",
         "timm_reparameterized": "modules re-parameterized by timm",
     }
-    parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in fused.items())))
-    unfused = r.get("unfused") or []
-    if unfused:
-        parts.append(Text(f"left unfused: {len(unfused)}", style="yellow"))
-        for u in unfused[:8]:
-            parts.append(Text(f"  {u['module']}: {u['reason']}", style="yellow"))
-        if len(unfused) > 8:
-            parts.append(Text(f"  ... and {len(unfused) - 8} more (see --json)", style="yellow"))
-    for n in r.get("notes") or []:
-        parts.append(Text(f"note: {n}", style="yellow"))
-    parts.extend(verify_lines(r.get("verify")))
-    if r.get("output"):
-        parts.append(Text.from_markup(f"wrote [bold]{r['output']}[/] in {r['seconds']:.2f} s"))
+    parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in r.fused.items())))
+    if r.unfused:
+        parts.append(Text(f"left unfused: {len(r.unfused)}", style="yellow"))
+        for u in r.unfused[:8]:
+            parts.append(Text(f"  {u.module}: {u.reason}", style="yellow"))
+        if len(r.unfused) > 8:
+            parts.append(Text(f"  ... and {len(r.unfused) - 8} more (see --json)", style="yellow"))
+    parts += [Text(f"note: {n}", style="yellow") for n in r.notes]
+    parts.extend(verify_lines(r.verify))
+    if r.output:
+        parts.append(Text.from_markup(f"wrote [bold]{r.output}[/] in {r.seconds or 0:.2f} s"))
     return Group(*parts)
 
 
-def archs_table(infos) -> Table:
+def archs_table(infos: Iterable[FuserInfo]) -> Table:
     t = Table(title="Registered fusers (--arch)", title_justify="left")
     t.add_column("name", style="bold")
     t.add_column("origin")
@@ -136,42 +136,41 @@ def archs_table(infos) -> Table:
     return t
 
 
-def verify_report(r: dict[str, Any]) -> Group:
+def verify_report(r: VerifyReport) -> Group:
     parts: list[Any] = [
-        Text.from_markup(f"checkpoint: [bold]{r['checkpoint']}[/] (weights: {r['key'] or 'bare state_dict'})"),
-        Text.from_markup(f"deploy:     [bold]{r['deploy']}[/]"),
-        Text(f"architecture: {r['arch']}  variant: {r['variant']}  layout: {r['layout']}"),
+        Text.from_markup(f"checkpoint: [bold]{r.checkpoint}[/] (weights: {r.key or 'bare state_dict'})"),
+        Text.from_markup(f"deploy:     [bold]{r.deploy}[/]"),
+        Text(f"architecture: {r.arch}  variant: {r.variant}  layout: {r.layout}"),
     ]
-    parts += [Text(f"note: {n}", style="yellow") for n in r.get("notes") or []]
-    parts += verify_lines(r["verify"])
+    parts += [Text(f"note: {n}", style="yellow") for n in r.notes]
+    parts += verify_lines(r.verify)
     return Group(*parts)
 
 
-def inspect_report(r: dict[str, Any]) -> Group:
-    t = Table(title=f"{r['file']} ({r['format']}, {human(r['size_bytes'], 'bytes')})", title_justify="left")
+def inspect_report(r: InspectReport) -> Group:
+    t = Table(title=f"{r.file} ({r.format}, {human(r.size_bytes, 'bytes')})", title_justify="left")
     t.add_column("entry", style="bold")
     t.add_column("holds")
-    for k, v in (r.get("entries") or {}).items():
-        mark = "  <- weights used" if k == r.get("key") else ""
+    for k, v in r.entries.items():
+        mark = "  <- weights used" if k == r.key else ""
         t.add_row(k, v + mark)
-    if not r.get("entries"):
-        t.add_row("(bare state_dict)", f"{r['tensors']} tensors")
+    if not r.entries:
+        t.add_row("(bare state_dict)", f"{r.tensors} tensors")
     parts: list[Any] = [t]
     parts.append(
         Text(
-            f"mode: {r['mode']}  architecture: {r.get('arch')}  variant: {r.get('variant')}  "
-            f"layout: {r.get('layout', '-')}  dtype: {r['dtype']}"
+            f"mode: {r.mode}  architecture: {r.arch}  variant: {r.variant}  layout: {r.layout or '-'}  dtype: {r.dtype}"
         )
     )
-    if r.get("epoch") is not None or r.get("recorded_arch"):
-        parts.append(Text(f"recorded: epoch {r.get('epoch')}, model {r.get('recorded_arch')}"))
-    if r.get("params") is not None:
-        line = f"parameters: {human(r['params'])}"
-        if r.get("params_after") is not None:
-            line += f" -> {human(r['params_after'])} after fusion ({change(r['params'], r['params_after'])})"
+    if r.epoch is not None or r.recorded_arch:
+        parts.append(Text(f"recorded: epoch {r.epoch}, model {r.recorded_arch}"))
+    if r.params is not None:
+        line = f"parameters: {human(r.params)}"
+        if r.params_after is not None:
+            line += f" -> {human(r.params_after)} after fusion ({change(r.params, r.params_after)})"
         parts.append(Text(line))
-    if r.get("would_fuse"):
-        wf = r["would_fuse"]
+    if r.would_fuse:
+        wf = r.would_fuse
         parts.append(
             Text(
                 f"a conversion would fuse: {wf.get('bn_folded', 0)} BN folds, "
@@ -179,24 +178,18 @@ def inspect_report(r: dict[str, Any]) -> Group:
                 f" {wf.get('unfused', 0)} BN left unfused"
             )
         )
-    parts += [Text(f"warning: {w}", style="yellow") for w in r.get("warnings") or []]
+    parts += [Text(f"warning: {w}", style="yellow") for w in r.warnings]
     return Group(*parts)
 
 
-def bench_table(r: dict[str, Any]) -> Table:
+def bench_table(r: BenchReport) -> Table:
     t = Table(
-        title=f"{r['variant']} ({r['arch']}) on {r['device']}, {r['threads']} threads, "
-        f"{r['resolution']}x{r['resolution']}, median of {r['repeats']} after {r['warmup']} warm-up",
+        title=f"{r.variant} ({r.arch}) on {r.device}, {r.threads} threads, "
+        f"{r.resolution}x{r.resolution}, median of {r.repeats} after {r.warmup} warm-up",
         title_justify="left",
     )
     for col in ("batch", "mode", "train ms", "deploy ms", "speedup"):
         t.add_column(col, justify="right")
-    for row in r["rows"]:
-        t.add_row(
-            str(row["batch"]),
-            row["mode"],
-            f"{row['train_ms']:.3f}",
-            f"{row['deploy_ms']:.3f}",
-            f"{row['speedup']:.2f}x",
-        )
+    for row in r.rows:
+        t.add_row(str(row.batch), row.mode, f"{row.train_ms:.3f}", f"{row.deploy_ms:.3f}", f"{row.speedup:.2f}x")
     return t

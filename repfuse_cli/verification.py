@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -43,8 +46,20 @@ class VerifyResult:
     accuracy_train: float | None = None  # with labelled inputs
     accuracy_deploy: float | None = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_tolerances(atol: float | None, rtol: float | None) -> None:
+    """BadInput unless each given tolerance is finite and >= 0 (checked before any work)."""
+    for name, v in (("atol", atol), ("rtol", rtol)):
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            raise BadInput(f"--{name} {v}: tolerances must be finite and >= 0")
+
+
+def looser(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """Of two weight dtypes, the one with the larger default tolerance (float16 over float32)."""
+    return max(a, b, key=lambda d: TOLERANCES.get(d, TOLERANCES[torch.float32])[1])
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,17 +84,20 @@ def run(model: nn.Module, x: Tensor, dtype: torch.dtype, device: str = "cpu") ->
         return functional_call(model, _state(model, dtype, device), (x.to(device=device, dtype=dtype),))
 
 
-def _no_tf32():
-    class _Ctx:
-        def __enter__(self):
-            self.saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-
-        def __exit__(self, *exc):
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.saved
-
-    return _Ctx()
+@contextmanager
+def exact_float32(cudnn_benchmark: bool | None = None) -> Iterator[None]:
+    """Inside: no TF32 on CUDA (matmuls and convolutions do real float32 arithmetic, which any
+    comparison or fair timing needs), and cudnn.benchmark as given (None: unchanged). The
+    global flags are restored on the way out."""
+    flags: tuple[Any, Any] = (torch.backends.cuda.matmul, torch.backends.cudnn)  # cudnn's flags are untyped
+    saved = (flags[0].allow_tf32, flags[1].allow_tf32, flags[1].benchmark)
+    flags[0].allow_tf32 = flags[1].allow_tf32 = False
+    if cudnn_benchmark is not None:
+        flags[1].benchmark = cudnn_benchmark
+    try:
+        yield
+    finally:
+        flags[0].allow_tf32, flags[1].allow_tf32, flags[1].benchmark = saved
 
 
 def compare_outputs(a: Tensor, b: Tensor) -> tuple[float, float, float, float | None]:
@@ -101,14 +119,16 @@ def boundaries(train: nn.Module, deploy: nn.Module, exclude: Iterable[str] = ())
     return [n for n, _ in train.named_modules() if n and n in d and n not in excluded]
 
 
-def _capture(model: nn.Module, names: list[str], x: Tensor, dtype, device) -> tuple[list[str], dict]:
+def _capture(
+    model: nn.Module, names: list[str], x: Tensor, dtype: torch.dtype, device: str
+) -> tuple[list[str], dict[str, Tensor]]:
     order: list[str] = []
     outs: dict[str, Tensor] = {}
     modules = dict(model.named_modules())
     hooks = []
     for n in names:
 
-        def hook(_m, _i, out, n=n):
+        def hook(_m: nn.Module, _i: Any, out: Any, n: str = n) -> None:
             if n not in outs and isinstance(out, Tensor):
                 outs[n] = out.detach().double().cpu()
                 order.append(n)
@@ -126,7 +146,7 @@ def locate_divergence(
     train: nn.Module,
     deploy: nn.Module,
     x: Tensor,
-    dtype,
+    dtype: torch.dtype,
     atol: float,
     rtol: float,
     device: str = "cpu",
@@ -161,11 +181,11 @@ def check_device(device: str) -> str:
     return device
 
 
-def _forward(model: nn.Module, x: Tensor, dtype: torch.dtype, device: str, which: str) -> Tensor:
+def _forward_train(model: nn.Module, x: Tensor, dtype: torch.dtype, device: str) -> Tensor:
     try:
         return run(model, x, dtype, device)
     except (RuntimeError, ValueError, IndexError) as e:  # inputs the network cannot take
-        raise BadInput(f"the {which} model cannot run on inputs of shape {tuple(x.shape)}: {first_line(e)}") from None
+        raise BadInput(f"the training model cannot run on inputs of shape {tuple(x.shape)}: {first_line(e)}") from None
 
 
 def verify_models(
@@ -182,15 +202,14 @@ def verify_models(
     inputs_desc: str = "",
 ) -> VerifyResult:
     """Run both models on ``x``; pass when max|a-b| <= atol + rtol*max|a|."""
+    check_tolerances(atol, rtol)
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    if not (math.isfinite(atol) and math.isfinite(rtol) and atol >= 0 and rtol >= 0):
-        raise BadInput(f"tolerances must be finite and >= 0 (atol {atol}, rtol {rtol})")
     cdt = compute_dtype(dtype)
-    with _no_tf32():
-        a = _forward(train, x, cdt, device, "training")
-        b = _forward(deploy, x, cdt, device, "deploy")
+    with exact_float32():
+        a = _forward_train(train, x, cdt, device)
+        b = run(deploy, x, cdt, device)  # the deploy model failing where the training model ran is a bug
         if a.shape != b.shape:
             raise BadInput(
                 f"the deploy model's output has shape {tuple(b.shape)}, the training model's "
@@ -202,6 +221,9 @@ def verify_models(
         where = None if passed else locate_divergence(train, deploy, x, cdt, atol, rtol, device, exclude)
     acc_a = acc_b = None
     if labels is not None and a.dim() == 2:
+        if labels.numel() and int(labels.max()) >= a.shape[1]:
+            n = a.shape[1]
+            raise BadInput(f"labels go up to {int(labels.max())}, but the model has {n} classes (0-{n - 1})")
         lab = labels.to(a.device)
         acc_a = (a.argmax(1) == lab).double().mean().item()
         acc_b = (b.argmax(1) == lab).double().mean().item()
@@ -221,3 +243,50 @@ def verify_models(
         accuracy_train=acc_a,
         accuracy_deploy=acc_b,
     )
+
+
+def load_inputs(path: str | Path) -> tuple[Tensor, Tensor | None]:
+    """Images (N, C, H, W) and optional labels from a .pt, .npy or .safetensors file.
+
+    .pt / .safetensors may hold one tensor or ``images`` (and ``labels``) entries; .pt is read
+    with ``weights_only=True``; .npy with ``allow_pickle=False``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: no such inputs file")
+    try:
+        if path.suffix == ".npy":
+            import numpy as np
+
+            obj: Any = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(path)
+        elif path.suffix in (".pt", ".pth"):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise BadInput(f"{path}: inputs must be .pt, .npy or .safetensors")
+    except BadInput:
+        raise
+    except Exception as e:
+        raise BadInput(f"{path}: cannot read inputs ({first_line(e, 160)})") from None
+    labels = None
+    if isinstance(obj, dict):
+        if "images" not in obj and len(obj) != 1:
+            raise BadInput(f"{path}: expected one tensor or an `images` entry (found {', '.join(map(str, obj))})")
+        labels = obj.get("labels")
+        obj = obj["images"] if "images" in obj else next(iter(obj.values()))
+    if not isinstance(obj, Tensor) or obj.dim() != 4 or not obj.is_floating_point() or obj.shape[0] == 0:
+        raise BadInput(f"{path}: images must be a float tensor of shape (N, C, H, W) with N >= 1")
+    if not torch.isfinite(obj).all():
+        raise BadInput(f"{path}: images hold NaN or inf")
+    if labels is not None and (
+        not isinstance(labels, Tensor)
+        or labels.shape != obj.shape[:1]
+        or labels.is_floating_point()
+        or labels.is_complex()
+        or (labels < 0).any()
+    ):
+        raise BadInput(f"{path}: labels must be non-negative integers of shape ({obj.shape[0]},)")
+    return obj.float(), labels

@@ -263,7 +263,7 @@ def test_conversion_is_deterministic(tmp_path):
 def test_half_checkpoint_keeps_dtype(dtype, tmp_path):
     ckpt = tmp_path / "half.pth"
     save_like_timm_train("resnet18", ckpt, dtype=dtype)
-    res = run_conversion(ckpt, tmp_path / "half.safetensors").result
+    res = run_conversion(ckpt, tmp_path / "half.safetensors").result.to_dict()
     assert res["dtype"] == str(dtype).replace("torch.", "") and res["verify"]["passed"]
     from safetensors.torch import load_file
 

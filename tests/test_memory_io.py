@@ -15,11 +15,13 @@ from conftest import randomize_bn
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from repfuse_cli.checkpoint import Checkpoint, check_finite, load_checkpoint, release_pages
+import repfuse_cli.deployfile as deployfile
+from repfuse_cli.checkpoint import Checkpoint, check_finite, load_checkpoint
+from repfuse_cli.deployfile import stage_deploy, write_safetensors, write_safetensors_to
 from repfuse_cli.errors import OutputError
 from repfuse_cli.fuser import Options
-from repfuse_cli.pipeline import releasing, run_conversion
-from repfuse_cli.save import StagedWrite, write_safetensors, write_safetensors_to
+from repfuse_cli.memory import release_pages, releasing
+from repfuse_cli.pipeline import run_conversion
 
 LINUX = os.path.exists("/proc/self/maps")
 
@@ -109,28 +111,27 @@ def leftovers(d: Path) -> list[str]:
 def test_staged_write_appears_only_when_committed(tmp_path):
     tensors = tensors_of_every_dtype()
     out = tmp_path / "d.safetensors"
-    staged = StagedWrite(tensors, out, lambda: {"k": "v"}, force=False)
+    staged = stage_deploy(tensors, out, lambda: {"k": "v"}, force=False)
     assert not out.exists()
     staged.commit()
     assert leftovers(tmp_path) == ["d.safetensors"] and oct(out.stat().st_mode & 0o777) == "0o644"
     with safe_open(str(out), framework="pt") as f:
         assert f.metadata() == {"k": "v"} and torch.equal(f.get_tensor("conv"), tensors["conv"])
 
-    with StagedWrite(tensors, tmp_path / "gone.safetensors", {}, force=False):
+    with stage_deploy(tensors, tmp_path / "gone.safetensors", {}, force=False):
         pass  # leaving the block without a commit discards it
     assert leftovers(tmp_path) == ["d.safetensors"]
 
 
 def test_staged_write_errors_leave_nothing(tmp_path, monkeypatch):
-    import repfuse_cli.save as save
 
     def full_disk(f, tensors, metadata, cancel=None):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(save, "write_safetensors_to", full_disk)
+    monkeypatch.setattr(deployfile, "write_safetensors_to", full_disk)
     with pytest.raises(OutputError, match="No space left on device") as e:
-        StagedWrite({"w": torch.ones(3)}, tmp_path / "d.safetensors", {}, force=False).commit()
+        stage_deploy({"w": torch.ones(3)}, tmp_path / "d.safetensors", {}, force=False).commit()
     monkeypatch.undo()
     assert e.value.exit_code == 2 and leftovers(tmp_path) == []
 
@@ -138,11 +139,11 @@ def test_staged_write_errors_leave_nothing(tmp_path, monkeypatch):
         raise ValueError("not a write error")
 
     with pytest.raises(ValueError, match="not a write error"):
-        StagedWrite({"w": torch.ones(3)}, tmp_path / "d.safetensors", unreadable_source, force=False).commit()
+        stage_deploy({"w": torch.ones(3)}, tmp_path / "d.safetensors", unreadable_source, force=False).commit()
     assert leftovers(tmp_path) == []
 
     out = tmp_path / "late.safetensors"
-    staged = StagedWrite({"w": torch.ones(3)}, out, {}, force=False)
+    staged = stage_deploy({"w": torch.ones(3)}, out, {}, force=False)
     out.write_text("someone else's")  # appeared while we were converting
     with pytest.raises(OutputError, match="appeared while converting"):
         staged.commit()
@@ -159,7 +160,7 @@ def test_discard_while_writing_and_commit_misuse(tmp_path, monkeypatch):
         return {"k": "v"}
 
     out = tmp_path / "d.safetensors"
-    staged = StagedWrite({"w": torch.ones(3)}, out, slow_metadata, force=False)
+    staged = stage_deploy({"w": torch.ones(3)}, out, slow_metadata, force=False)
     assert len(leftovers(tmp_path)) == 1  # the hidden temp file
     threading.Timer(0.2, gate.set).start()
     staged.discard()  # removes the temp file at once, then waits for the writer
@@ -172,8 +173,8 @@ def test_discard_while_writing_and_commit_misuse(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(os, "replace", no_rename)
-    with pytest.raises(OutputError, match="cannot move the deploy file into place .*Permission denied"):
-        StagedWrite({"w": torch.ones(3)}, out, {}, force=True).commit()
+    with pytest.raises(OutputError, match="cannot move the file into place .*Permission denied"):
+        stage_deploy({"w": torch.ones(3)}, out, {}, force=True).commit()
     assert leftovers(tmp_path) == []
 
 

@@ -195,4 +195,4 @@ def test_half_precision_timm_reparameterization_happens_in_float64(tmp_path):
     ref = run(model, x, torch.float64)
     # rounding the fused weights to fp16 once costs about what rounding the unfused ones does
     assert rel_diff(ref, run(conv.deploy, x, torch.float32)) < 2 * rel_diff(ref, run(conv.train, x, torch.float32))
-    assert conv.result["fused"]["timm_reparameterized"] > 0
+    assert conv.result.fused["timm_reparameterized"] > 0

@@ -485,12 +485,12 @@ def test_broken_vanillanet_layouts_raise_key_mismatch(tmp_path):
     headless = {k: v for k, v in _v5_meta().items() if not k.startswith(("cls1.", "cls2."))}
     with pytest.raises(KeyMismatch, match=r"without cls1\.2\.weight, cls2\.0\.weight \(a backbone"):
         FUSER.detect(ckpt_of(headless), Options())
-    from repfuse_cli.pipeline import inspect_file
+    from repfuse_cli.commands import inspect_file
 
     small_headless = {k: v for k, v in trained(small("vanillanet_5")).state_dict().items() if not k.startswith("cls")}
     torch.save({"model": small_headless}, tmp_path / "backbone.pth")
     info = inspect_file(tmp_path / "backbone.pth")  # describing a file does not fail on what it lacks
-    assert info["mode"] == "unknown" and "without cls1.2.weight" in info["warnings"][-1]
+    assert info.mode == "unknown" and "without cls1.2.weight" in info.warnings[-1]
     sd = _v5_meta()
     del sd["stages.1.conv2.0.weight"]
     with pytest.raises(KeyMismatch, match=r"stages\.1\.conv2\.0\.weight"):

@@ -411,6 +411,9 @@ class ConvBnFuser(Fuser):
     def build_train(self, plan: Plan, state_dict: dict[str, Tensor]) -> nn.Module:
         return _build(plan.config, state_dict, f"{plan.config['model']}")
 
+    def folded_modules(self, plan: Plan) -> list[str]:
+        return list(plan.config.get("fused_modules", []))
+
     def fuse(self, plan: Plan, state_dict: dict[str, Tensor], train: nn.Module, done: Done | None = None) -> Fused:
         # All arithmetic (timm's re-parameterization included) on a float64 copy; cast once at the end.
         work = copy.deepcopy(train).to(torch.float64)

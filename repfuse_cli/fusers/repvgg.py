@@ -3,7 +3,8 @@
 Every block of a training checkpoint holds a 3x3 conv + BN, a 1x1 conv + BN and, when its input
 and output match (same width, stride 1), a BN on the identity. In eval mode the block computes
 ``ReLU(SE(bn(conv3x3(x)) + bn(conv1x1(x)) + bn(x)))``; each branch is an affine map of ``x``, so
-their sum is one 3x3 conv with a bias (REFERENCE §2). SE, when present, is not linear and stays.
+their sum is one 3x3 conv with a bias (Ding et al., "RepVGG", CVPR 2021, Sec. 3.3). SE, when
+present, is not linear and stays.
 
 The whole architecture is read from the tensors: block counts from the keys, widths and groups
 from the conv weight shapes, SE from its keys, classes from the classifier. Strides are not
@@ -23,7 +24,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -276,7 +277,7 @@ class RepVGG(nn.Module):
 
     def named_blocks(self) -> Iterator[tuple[str, RepVGGBlock]]:
         for name in self.block_names:
-            yield name, self.get_submodule(name)
+            yield name, cast(RepVGGBlock, self.get_submodule(name))
 
     def forward(self, x: Tensor) -> Tensor:
         for _, block in self.named_blocks():
@@ -436,21 +437,19 @@ def merge_block(
     (float64 by default): every output channel depends only on its own rows of the three
     branches, so no whole float64 kernel exists (236 MB for RepVGG-B3's last block). Small
     blocks keep the float64 temporaries in cache and under glibc's mmap threshold (larger ones
-    are mapped and zero-filled anew on every allocation): 64 rows merged RepVGG-B3 2-4x faster
-    than 256 on the 2-core machine of bench/RESULTS.md.
+    are mapped and zero-filled anew on every allocation); bench/RESULTS.md measures the choice.
     """
     dense, one, ident = block.branches()
     n = block._n
 
-    def bn(module: nn.BatchNorm2d, what: str) -> tuple[Tensor, Tensor]:
-        return bn_scale_shift(
-            module.running_mean, module.running_var, module.weight, module.bias, module.eps, f"{name}.{what}"
-        )
+    def bn(module: nn.Module | Tensor, what: str) -> tuple[Tensor, Tensor]:
+        m = cast(nn.BatchNorm2d, module)
+        return bn_scale_shift(m.running_mean, m.running_var, m.weight, m.bias, m.eps, f"{name}.{what}")
 
     s_d, t_d = bn(dense.bn, f"{n.dense}.bn")
     s_1, t_1 = bn(one.bn, f"{n.one}.bn")
     s_i, t_i = bn(ident, n.identity) if ident is not None else (None, None)
-    weight, weight_1 = dense.conv.weight, one.conv.weight
+    weight, weight_1 = cast(nn.Conv2d, dense.conv).weight, cast(nn.Conv2d, one.conv).weight
     kernel = torch.empty(weight.shape, dtype=out_dtype or torch.float64)
     for start in range(0, weight.shape[0], block_rows):
         r = slice(start, start + block_rows)

@@ -1,8 +1,10 @@
 """VanillaNet (huawei-noah/VanillaNet): training checkpoints to deploy-mode weights.
 
-Layout facts are in REFERENCE §1. The modules below are written from those facts and use
-the official state_dict key names, so a deploy file made here loads with ``strict=True`` into
-the official ``vanillanet_N(deploy=True)`` and vice versa.
+The modules below are written from the official layout (huawei-noah/VanillaNet
+``models/vanillanet.py``: ``stem1``/``stem2``, ``stages.i.conv1``/``conv2``/``act``, ``cls1``/``cls2``,
+deploy-mode ``stem``/``stages.i.conv``/``cls``) and use the official state_dict key names, so a
+deploy file made here loads with ``strict=True`` into the official ``vanillanet_N(deploy=True)`` and
+vice versa.
 
 What fusion does, per model (all in float64 through ``repfuse_cli.fold``, cast once at the end):
 
@@ -100,7 +102,8 @@ class VanillaCfg:
         if unknown:
             raise BadInput(f"VanillaNet config has unknown fields: {', '.join(unknown)}")
         try:
-            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()})
+            kwargs: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+            return cls(**kwargs)
         except (TypeError, ValueError) as e:
             raise BadInput(f"invalid VanillaNet config {dict(config)}: {e}") from None
 
@@ -235,7 +238,7 @@ class VanillaNet(nn.Module):
     def set_act_learn(self, value: float) -> VanillaNet:
         self.act_learn = float(value)
         for block in self.stages:
-            block.act_learn = float(value)
+            setattr(block, "act_learn", float(value))  # noqa: B010 - a TrainBlock attribute, not a submodule
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -481,9 +484,10 @@ def _read_shapes(sd: Mapping[str, Tensor], where: str) -> dict[str, Any]:
     sizes = {shape[2] for shape in kernels.values()}
     if len(sizes) != 1:
         raise KeyMismatch(f"{where}: activation kernels differ in size ({sorted(sizes)}); VanillaNet uses one act_num")
-    nc, dl, *k = _shape(sd, "cls1.2.weight", where, 4)
-    if dl != dims[-1] or k != [1, 1]:
-        raise KeyMismatch(f"{where}: `cls1.2.weight` {(nc, dl, *k)} does not take the last stage's {dims[-1]} channels")
+    nc, dl, *ks = _shape(sd, "cls1.2.weight", where, 4)
+    if dl != dims[-1] or ks != [1, 1]:
+        shape = (nc, dl, *ks)
+        raise KeyMismatch(f"{where}: `cls1.2.weight` {shape} does not take the last stage's {dims[-1]} channels")
     if _shape(sd, "cls2.0.weight", where, 4) != (nc, nc, 1, 1):
         raise KeyMismatch(
             f"{where}: `cls2.0.weight` is {tuple(sd['cls2.0.weight'].shape)}, expected ({nc}, {nc}, 1, 1)"
@@ -562,7 +566,7 @@ class VanillaNetFuser(Fuser):
         )
 
     @staticmethod
-    def _rest(shapes: dict[str, Any]) -> dict[str, int]:
+    def _rest(shapes: dict[str, Any]) -> dict[str, Any]:
         return {k: shapes[k] for k in ("act_num", "in_chans", "num_classes")}
 
     @staticmethod
@@ -586,11 +590,11 @@ class VanillaNetFuser(Fuser):
         model = args.get("model")
         if isinstance(model, str) and model:
             name = model.split("/")[-1].split(":")[-1]
-            cfg = VARIANTS.get(name)
-            if cfg is not None and cfg.depth == depth:
-                return (name, cfg), "args.model"
-            if cfg is not None:
-                notes.append(f"args.model `{model}` has {cfg.depth} stages but the weights have {depth}; ignored")
+            named = VARIANTS.get(name)
+            if named is not None and named.depth == depth:
+                return (name, named), "args.model"
+            if named is not None:
+                notes.append(f"args.model `{model}` has {named.depth} stages but the weights have {depth}; ignored")
             else:
                 notes.append(f"args.model `{model}` is not an official VanillaNet variant; structure read from shapes")
         exact = [(n, c) for n, c in VARIANTS.items() if c.dims == dims]
@@ -627,7 +631,7 @@ class VanillaNetFuser(Fuser):
                 "--assume-annealed overrides"
             )
         return [
-            f"{msg}; converted anyway (--assume-annealed): the deploy model computes the network with "
+            f"{msg}: conversion needs --assume-annealed, and then the deploy model computes the network with "
             "act_learn = 1 (as verified), not the slope it was last trained with"
         ]
 
