@@ -24,7 +24,6 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,13 +32,15 @@ from torch import Tensor, nn
 
 from . import __version__
 from .errors import BadInput, OutputError, RepfuseError, VerifyFailed, first_line
-from .fuser import Options
-from .verification import TOLERANCES, VerifyResult, compare_outputs, run, seeded_inputs
+from .pipeline import Source
+from .results import ExportResult, OnnxCheck, OnnxVerifyResult
+from .verification import TOLERANCES, check_tolerances, compare_outputs, run, seeded_inputs
 
 if TYPE_CHECKING:  # pragma: no cover
     import onnx
 
     from .benchmark import LatencyRow
+    from .results import BenchReport
 
 # The packages `repfuse[onnx]` installs: (import name, pip name).
 ONNX_PACKAGES = (("onnx", "onnx"), ("onnxruntime", "onnxruntime"), ("onnxscript", "onnxscript"))
@@ -90,7 +91,7 @@ _OP = re.compile(r"OpOverload\(op='([\w.]+)'|target=torch\.ops\.([\w.]+?)(?:\.de
 
 def exporter_failure(e: BaseException, which: str) -> BadInput:
     """One line for an exporter failure: the first op it names (best effort) and its own message."""
-    texts = []
+    texts: list[str] = []
     cur: BaseException | None = e
     while cur is not None and len(texts) < 8:
         texts.append(_ANSI.sub("", str(cur)))
@@ -109,6 +110,12 @@ def exporter_failure(e: BaseException, which: str) -> BadInput:
     if re.search(r"Constraints violated|specializ", text):
         msg += " (the batch dimension could not stay dynamic: try --static-batch)"
     return BadInput(f"the ONNX exporter failed{where} while exporting the {which} model: {msg}")
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first non-empty line without terminal colour codes."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:limit]
 
 
 @contextlib.contextmanager
@@ -181,6 +188,8 @@ def export_graph(
                 external_data=False,
                 optimize=True,
             )
+        if program is None:  # only when writing to a file, which we do not
+            raise RuntimeError("torch.onnx.export returned no program")
         proto = program.model_proto
     except RepfuseError:
         raise
@@ -402,9 +411,7 @@ def ort_session(path: Path | str, threads: int | None = None) -> Any:
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise BadInput(
-            f"{runtime_name()} cannot load the exported graph: {first_line(_ANSI.sub('', str(e)), 300)}"
-        ) from None
+        raise BadInput(f"{runtime_name()} cannot load the exported graph: {_one_line(e)}") from None
 
 
 def ort_run(session: Any, x: Tensor) -> Tensor:
@@ -412,25 +419,9 @@ def ort_run(session: Any, x: Tensor) -> Tensor:
         (y,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().contiguous().numpy()})
     except Exception as e:
         raise BadInput(
-            f"{runtime_name()} cannot run the graph on inputs of shape {tuple(x.shape)}: "
-            f"{first_line(_ANSI.sub('', str(e)), 300)}"
+            f"{runtime_name()} cannot run the graph on inputs of shape {tuple(x.shape)}: {_one_line(e)}"
         ) from None
     return torch.from_numpy(y)
-
-
-@dataclass
-class Check:
-    """One comparison: what was run and how far apart the outputs are."""
-
-    inputs: str
-    batch: int
-    max_abs_diff: float
-    max_rel_diff: float
-    passed: bool
-    error: str | None = None  # onnxruntime could not run the graph on these (well-formed) inputs
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _batches(inputs: Inputs, input_size: tuple[int, int, int]) -> tuple[str, Iterator[Tensor]] | None:
@@ -443,7 +434,7 @@ def _batches(inputs: Inputs, input_size: tuple[int, int, int]) -> tuple[str, Ite
             raise BadInput(
                 f"{path}: image folders are not supported by export yet; give a .pt, .npy or .safetensors file"
             )
-        from .pipeline import load_inputs
+        from .verification import load_inputs
 
         x, _ = load_inputs(path)
         return f"{x.shape[0]} images from {path.name}", iter([x])
@@ -489,7 +480,7 @@ def prove(
     atol: float | None = None,
     rtol: float | None = None,
     reference_name: str = "training model",
-) -> tuple[VerifyResult, list[Check]]:
+) -> tuple[OnnxVerifyResult, list[OnnxCheck]]:
     """Run the graph and ``reference`` (float32, eval, PyTorch) on the same inputs and compare with
     verify's rule: max|ref - onnx| <= atol + rtol * max|ref|, per check and overall.
 
@@ -498,13 +489,12 @@ def prove(
     """
     import math
 
+    check_tolerances(atol, rtol)
     d_atol, d_rtol = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     if dtype == torch.float64:  # the graph computes in float32
         d_atol, d_rtol = TOLERANCES[torch.float32]
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
-    if not (math.isfinite(atol) and math.isfinite(rtol) and atol >= 0 and rtol >= 0):
-        raise BadInput(f"tolerances must be finite and >= 0 (atol {atol}, rtol {rtol})")
     c, h, w = input_size
     if dynamic_batch:
         if batch < 2:
@@ -512,7 +502,7 @@ def prove(
         seeded = [(seeded_inputs(1, input_size, seed), seed), (seeded_inputs(batch, input_size, seed + 1), seed + 1)]
     else:
         seeded = [(seeded_inputs(batch, input_size, s), s) for s in (seed, seed + 1)]
-    checks: list[Check] = []
+    checks: list[OnnxCheck] = []
     refs: list[Tensor] = []
     outs: list[Tensor] = []
 
@@ -526,17 +516,17 @@ def prove(
         try:
             b = ort_run(session, x)
         except BadInput as e:  # the graph fails where the model runs (e.g. a batch axis fixed by mistake)
-            checks.append(Check(desc, x.shape[0], math.inf, math.inf, False, str(e)))
+            checks.append(OnnxCheck(desc, x.shape[0], math.inf, math.inf, False, str(e)))
             return
         if rows is not None:
             a, b = a[:rows], b[:rows]
         if a.shape != b.shape:
             why = f"output shape {tuple(b.shape)}, expected {tuple(a.shape)}"
-            checks.append(Check(desc, x.shape[0], math.inf, math.inf, False, why))
+            checks.append(OnnxCheck(desc, x.shape[0], math.inf, math.inf, False, why))
             return
         diff, rel, _, _ = compare_outputs(a, b)
         ok = bool(diff <= atol + rtol * a.abs().max().item()) and bool(torch.isfinite(b).all())
-        checks.append(Check(desc, x.shape[0], diff, rel, ok))
+        checks.append(OnnxCheck(desc, x.shape[0], diff, rel, ok))
         refs.append(a.flatten(1) if a.dim() > 1 else a[:, None])
         outs.append(b.flatten(1) if b.dim() > 1 else b[:, None])
 
@@ -562,7 +552,7 @@ def prove(
         diff = max(ch.max_abs_diff for ch in checks)
         rel = max(ch.max_rel_diff for ch in checks)
         cos, top1 = float("nan"), None
-    result = VerifyResult(
+    result = OnnxVerifyResult(
         max_abs_diff=max(ch.max_abs_diff for ch in checks) if checks else diff,
         max_rel_diff=max(ch.max_rel_diff for ch in checks) if checks else rel,
         cosine=cos,
@@ -575,50 +565,14 @@ def prove(
         device=f"cpu ({runtime_name()}, CPUExecutionProvider) vs the PyTorch {reference_name}",
         inputs=", ".join(descs) + f", seed {seed}",
         diverges_at=None,  # a graph has no module boundaries to locate a divergence at
+        runtime=runtime_name(),
+        checks=checks,
     )
     return result, checks
 
 
 # ---------------------------------------------------------------------------------------------
 # The export, end to end
-
-
-@dataclass
-class ExportResult:
-    """What ``repfuse export`` reports (``to_dict()`` is the ``--json`` object)."""
-
-    input: str  # the source file (checkpoint or deploy file)
-    deploy: str | None  # the DEPLOY file whose weights were exported, or None (fused in memory / the source)
-    output: str | None  # the .onnx written (None when verification failed)
-    data_file: str | None  # external data beside it, if any
-    arch: str
-    variant: str
-    layout: str
-    key: str | None
-    source_kind: str  # "checkpoint" or "deploy file"
-    dtype: str  # the weights' dtype in the source
-    export_dtype: str  # always float32
-    input_name: str
-    output_name: str
-    input_shape: list[int | str]  # e.g. ["batch", 3, 224, 224]
-    output_shape: list[int | str]
-    opset: int
-    dynamic_batch: bool
-    ops_before: dict[str, int] | None  # the training model exported the same way (None: deploy file only)
-    ops_after: dict[str, int]
-    nodes_before: int | None
-    nodes_after: int
-    bytes: int  # the .onnx plus its external data
-    external_data: bool
-    verify: dict[str, Any]  # VerifyResult's fields plus `runtime` and `checks`
-    metadata: dict[str, str]
-    notes: list[str] = field(default_factory=list)
-    exporter: str = ""
-    repfuse_version: str = __version__
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _shape(value_info: Any) -> list[int | str]:
@@ -754,10 +708,11 @@ def export_model(
             nodes_after=sum(ops_after.values()),
             bytes=size,
             external_data=external,
-            verify={**verify.to_dict(), "runtime": runtime_name(), "checks": [c.to_dict() for c in checks]},
+            verify=verify,
             metadata=dict(metadata or {}),
             notes=notes,
             exporter=f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+            repfuse_version=__version__,
         )
         if not verify.passed:
             result.output = result.data_file = None
@@ -793,15 +748,10 @@ def _deploy_file_metadata(path: Path) -> dict[str, str] | None:
 
 
 def export_file(
-    source: str | Path,
+    source: Source | str | Path,
     output: str | Path,
     deploy: str | Path | None = None,
     *,
-    arch: str = "auto",
-    key: str | None = None,
-    options: Options | None = None,
-    trust: bool = False,
-    resolution: int | None = None,
     opset: int = DEFAULT_OPSET,
     static_batch: bool = False,
     batch: int | None = None,
@@ -813,32 +763,38 @@ def export_file(
     compare_training: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     on_step: Step = _noop,
+    **source_fields: Any,
 ) -> ExportResult:
     """``repfuse export SOURCE [DEPLOY] -o OUT.onnx``.
 
     SOURCE is a training checkpoint (fused in memory with ``convert``'s detection and refusals,
     or, with DEPLOY, the weights of that deploy file; either way compared with the checkpoint's
     training model) or a deploy file repfuse wrote (compared with its PyTorch deploy model).
-    ``compare_training``: also export the training model for ``ops_before``.
+    ``source_fields``: :class:`~repfuse_cli.pipeline.Source`'s (arch, key, options, trust,
+    resolution). ``compare_training``: also export the training model for ``ops_before``.
     """
     require_onnx()
     from .checkpoint import check_finite, file_sha256, float_dtype
-    from .pipeline import at_resolution, build_deploy_model, load_pair, read_deploy
+    from .commands import load_pair
+    from .deployfile import build_deploy_model, read_deploy
+    from .pipeline import at_resolution
     from .registry import get_fuser
 
-    src, out = Path(source), Path(output)
+    src_spec = Source.of(source, **source_fields)
+    src, out = src_spec.path, Path(output)
     check_opset(opset)
+    check_tolerances(atol, rtol)
     check_onnx_output(out, [src] + ([Path(deploy)] if deploy else []), force)
-    options = options or Options()
     on_step("load")
     meta = _deploy_file_metadata(src)
     train = None
+    extra: dict[str, str]
     if meta is not None:
         if deploy is not None:
             raise BadInput(f"{src}: is a deploy file; give a training checkpoint with DEPLOY, or the deploy file alone")
-        plan, tensors, meta = read_deploy(src, options.model)
+        plan, tensors, meta = read_deploy(src, src_spec.options.model)
         check_finite(tensors, src)
-        plan = at_resolution(plan, resolution)
+        plan = at_resolution(plan, src_spec.resolution)
         model = build_deploy_model(get_fuser(plan.arch), plan, tensors, str(src))
         dtype = float_dtype(tensors)
         notes: list[str] = []
@@ -847,8 +803,8 @@ def export_file(
         sha = file_sha256(src)
         extra = {"checkpoint_source": meta.get("source", ""), "checkpoint_sha256": meta.get("source_sha256", "")}
     else:
-        pair = load_pair(src, deploy, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
-        plan, model, train, dtype = pair.plan, pair.deploy, pair.train, pair.ckpt.dtype
+        pair = load_pair(src_spec, deploy)
+        plan, model, train, dtype = pair.plan, pair.deploy, pair.train, pair.dtype
         notes, key, source_kind = list(pair.notes), pair.ckpt.key, "checkpoint"
         sha = pair.ckpt.sha256()
         extra = {"deploy_sha256": file_sha256(Path(deploy))} if deploy is not None else {}
@@ -877,7 +833,7 @@ def export_file(
     return export_model(
         model,
         out,
-        input_size=tuple(plan.input_size),
+        input_size=(plan.input_size[0], plan.input_size[1], plan.input_size[2]),
         reference=train,
         train=train if compare_training else None,
         dtype=dtype,
@@ -969,41 +925,40 @@ def bench_onnxruntime(
 
 
 def bench_file_onnxruntime(
-    checkpoint: str | Path,
+    checkpoint: Source | str | Path,
     deploy_path: str | Path | None = None,
     *,
-    arch: str = "auto",
-    key: str | None = None,
-    options: Options | None = None,
-    trust: bool = False,
     batches: tuple[int, ...] = (1,),
-    resolution: int | None = None,
     opset: int = DEFAULT_OPSET,
     warmup: int = 3,
     repeats: int = 10,
-) -> dict[str, Any]:
-    """``repfuse bench --runtime onnxruntime``: the same dict as ``pipeline.bench_file`` (rows of
-    mode ``onnxruntime``) plus ``runtime``."""
+    **source: Any,
+) -> BenchReport:
+    """``repfuse bench --runtime onnxruntime``: ``commands.bench_file``'s report with rows of mode
+    ``onnxruntime`` (the exported training graph against the exported deploy graph) and ``runtime``
+    set. ``source``: :class:`~repfuse_cli.pipeline.Source`'s fields."""
     require_onnx()
-    from .pipeline import load_pair
+    from .commands import load_pair
+    from .results import BenchReport
 
-    m = load_pair(checkpoint, deploy_path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
+    check_opset(opset)
+    m = load_pair(Source.of(checkpoint, **source), deploy_path)
     c, h, w = m.plan.input_size
     threads = torch.get_num_threads()
     rows = bench_onnxruntime(
         m.train, m.deploy, (c, h, w), batches=batches, opset=opset, warmup=warmup, repeats=repeats, threads=threads
     )
-    return {
-        "checkpoint": str(m.ckpt.path),
-        "deploy": str(deploy_path) if deploy_path else "(fused in memory)",
-        "arch": m.plan.arch,
-        "variant": m.plan.variant,
-        "device": "cpu (onnxruntime CPUExecutionProvider)",
-        "threads": threads,
-        "resolution": h,
-        "warmup": warmup,
-        "repeats": repeats,
-        "rows": [r.to_dict() for r in rows],
-        "runtime": runtime_name(),
-        "torch": torch.__version__,
-    }
+    return BenchReport(
+        checkpoint=str(m.ckpt.path),
+        deploy=str(deploy_path) if deploy_path else "(fused in memory)",
+        arch=m.plan.arch,
+        variant=m.plan.variant,
+        device="cpu (onnxruntime CPUExecutionProvider)",
+        threads=threads,
+        resolution=h,
+        warmup=warmup,
+        repeats=repeats,
+        rows=rows,
+        torch=torch.__version__,
+        runtime=runtime_name(),
+    )

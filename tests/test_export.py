@@ -6,6 +6,7 @@ per module and shared; the remaining tests use tiny toy networks.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import sys
@@ -25,6 +26,7 @@ from repfuse_cli.export import (
     bench_onnxruntime,
     check_opset,
     export,
+    export_file,
     export_model,
     op_counts,
     prove,
@@ -92,12 +94,17 @@ def toy(seed: int = 0) -> nn.Module:
 @pytest.fixture(scope="module")
 def repvgg_export(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("repvgg") / "repvgg.onnx"
-    res = export(REPVGG, out, resolution=32)
-    return out, res
+    return out, export_file(REPVGG, out, resolution=32)
 
 
-def test_checkpoint_export_dynamic_batch_matches_training_model(repvgg_export):
-    out, res = repvgg_export
+@pytest.fixture(scope="module")
+def repvgg_json(repvgg_export) -> tuple[Path, dict]:
+    out, result = repvgg_export
+    return out, result.to_dict()
+
+
+def test_checkpoint_export_dynamic_batch_matches_training_model(repvgg_json):
+    out, res = repvgg_json
     assert res["output"] == str(out) and out.is_file()
     assert not out.with_name(out.name + ".data").exists() and leftovers(out.parent) == []
     assert res["input_shape"] == ["batch", 3, 32, 32] and res["dynamic_batch"] and res["opset"] == 20
@@ -108,9 +115,10 @@ def test_checkpoint_export_dynamic_batch_matches_training_model(repvgg_export):
     assert [c["batch"] for c in v["checks"]] == [1, 3]
 
     # the file itself, at batch 1 and 3, against the training model of the checkpoint
-    from repfuse_cli.pipeline import load_pair
+    from repfuse_cli.commands import load_pair
+    from repfuse_cli.pipeline import Source
 
-    train = load_pair(REPVGG, None, resolution=32).train
+    train = load_pair(Source.of(REPVGG, resolution=32), None).train
     for n in (1, 3):
         x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(10 + n))
         y = ort_out(out, x)
@@ -118,8 +126,8 @@ def test_checkpoint_export_dynamic_batch_matches_training_model(repvgg_export):
         assert rel(run(train, x, torch.float32), y) < 1e-4
 
 
-def test_checkpoint_export_graph_and_op_counts(repvgg_export):
-    out, res = repvgg_export
+def test_checkpoint_export_graph_and_op_counts(repvgg_json):
+    out, res = repvgg_json
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["input"] and [o.name for o in model.graph.output] == ["output"]
@@ -139,8 +147,8 @@ def test_checkpoint_export_graph_and_op_counts(repvgg_export):
     assert meta == res["metadata"]
 
 
-def test_existing_output_is_refused_without_force(repvgg_export):
-    out, _ = repvgg_export
+def test_existing_output_is_refused_without_force(repvgg_json):
+    out, _ = repvgg_json
     before = out.read_bytes()
     with pytest.raises(RepfuseError, match="--force") as e:
         export(REPVGG, out, resolution=32)
@@ -215,7 +223,7 @@ def test_external_data_above_the_threshold_lands_beside_the_onnx(tmp_path):
     locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
     assert locations == {"big.onnx.data"}  # the final name, not the staging one
     onnx.checker.check_model(str(out), full_check=True)
-    assert [c["batch"] for c in res.verify["checks"]] == [1, 3, 4]
+    assert [c.batch for c in res.verify.checks] == [1, 3, 4]
     assert rel(run(model, extra, torch.float32), ort_out(out, extra)) < 1e-5
 
 
@@ -254,7 +262,7 @@ def test_half_precision_model_exports_as_float32_with_a_note(tmp_path):
     model = toy(2).half()
     res = export_model(model, out, input_size=(3, 8, 8), static_batch=True)  # dtype read from the model
     assert any("float16 weights exported as float32" in n for n in res.notes)
-    assert res.dtype == "float16" and res.export_dtype == "float32" and res.verify["rtol"] == 1e-2
+    assert res.dtype == "float16" and res.export_dtype == "float32" and res.verify.rtol == 1e-2
     assert res.input_shape == [1, 3, 8, 8]
     proto = onnx.load(str(out))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -321,7 +329,8 @@ def test_no_module_but_export_imports_onnx():
     import subprocess
 
     code = (
-        "import sys, repfuse_cli.pipeline, repfuse_cli.cli, repfuse_cli.report, repfuse_cli.export; "
+        "import sys, repfuse_cli.pipeline, repfuse_cli.commands, repfuse_cli.cli, repfuse_cli.report; "
+        "import repfuse_cli.export; "
         "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -337,7 +346,7 @@ def test_bench_onnxruntime_rows(tmp_path):
 def test_report_renders_the_op_table(repvgg_export):
     from rich.console import Console
 
-    from repfuse_cli.export_report import export_report
+    from repfuse_cli.report import export_report
 
     _, res = repvgg_export
     console = Console(file=io.StringIO(), width=140)
@@ -346,3 +355,78 @@ def test_report_renders_the_op_table(repvgg_export):
     assert "verification under onnxruntime: PASSED" in text
     row = next(line for line in text.splitlines() if "BatchNormalization" in line)
     assert [c.strip() for c in row.split("│")[1:5]] == ["BatchNormalization", "2", "0", "-2"]
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toy_ckpt(tmp_path) -> Path:
+    from toy_models import ReversedOrder
+
+    path = tmp_path / "toy.pth"
+    torch.save({"model": randomize_bn(ReversedOrder(), seed=1).eval().state_dict()}, path)
+    return path
+
+
+def test_cli_export_json_static_batch_inputs_and_mismatch(toy_ckpt, tmp_path):
+    import json
+
+    from test_cli import TOY, runner
+
+    from repfuse_cli.cli import app
+    from repfuse_cli.results import ExportResult, OnnxVerifyResult
+
+    images = tmp_path / "images.pt"
+    torch.save(torch.randn(5, 3, 16, 16), images)
+    out = tmp_path / "toy.onnx"
+    args = ["export", str(toy_ckpt), "-o", str(out), *TOY, "--static-batch", "--batch", "2", "--inputs", str(images)]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert list(res) == [f.name for f in dataclasses.fields(ExportResult)]
+    assert list(res["verify"]) == [f.name for f in dataclasses.fields(OnnxVerifyResult)]
+    assert res["output"] == str(out) and out.is_file() and res["input_shape"] == [2, 3, 16, 16]
+    # two seeded batches, then the 5 images in static batches of 2 (the last one padded)
+    assert [c["batch"] for c in res["verify"]["checks"]] == [2, 2, 2, 2, 2]
+    assert res["verify"]["runtime"].startswith("onnxruntime ") and res["verify"]["passed"]
+
+    r = runner.invoke(app, args)  # exists: one line, exit 2, the file untouched
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--force" in r.stderr
+    before = out.read_bytes()
+    r = runner.invoke(app, [*args, "--force", "--atol", "0", "--rtol", "0"])  # mismatch: the old file stays
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "no file written" in r.stderr
+    assert out.read_bytes() == before and leftovers(tmp_path) == []
+    bad = tmp_path / "bad.onnx"
+    r = runner.invoke(app, ["export", str(toy_ckpt), "-o", str(bad), *TOY, "--atol", "0", "--rtol", "0", "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["output"] is None and not bad.exists()
+
+
+def test_cli_export_without_the_extra(monkeypatch, tmp_path):
+    from test_cli import runner
+
+    from repfuse_cli.cli import app
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    r = runner.invoke(app, ["export", str(REPVGG), "-o", str(tmp_path / "m.onnx")])
+    lines = r.stderr.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "`onnx`" in lines[0]
+    assert "pip install 'repfuse[onnx]'" in lines[0]
+    assert runner.invoke(app, ["export", "--help"]).exit_code == 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_bench_onnxruntime(toy_ckpt):
+    import json
+
+    from test_cli import TOY, runner
+
+    from repfuse_cli.cli import app
+
+    args = ["bench", str(toy_ckpt), *TOY, "--runtime", "onnxruntime", "--repeats", "2", "--warmup", "1"]
+    r = runner.invoke(app, [*args, "--json"])
+    assert r.exit_code == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["runtime"].startswith("onnxruntime") and [row["mode"] for row in res["rows"]] == ["onnxruntime"]
+    r = runner.invoke(app, [*args, "--compile"])
+    assert r.exit_code == 2 and "--compile" in r.stderr
