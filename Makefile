@@ -18,7 +18,7 @@ test: $(STAMP)
 
 DEMO := demo_out
 SAMPLES := sample_checkpoints
-HELDOUT := --inputs $(SAMPLES)/heldout.safetensors
+HELDOUT := --inputs $(SAMPLES)/heldout_images
 
 demo: $(STAMP)
 	@mkdir -p $(DEMO)

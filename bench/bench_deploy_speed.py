@@ -23,7 +23,11 @@ Method:
   deploy=True)`` / ``build_repvgg(config, deploy=True)`` on the CPU, then ``load_state_dict`` of the
   fused tensors). For VanillaNet also that model against itself with its merged 1x1 weights
   (``stages.i.conv``, ``cls.2``) stored transposed (same values, strides (1, O, ., .), not
-  contiguous), a layout an in-place conversion can leave behind (the official in-place ``switch_to_deploy`` does). These
+  contiguous), a layout an in-place conversion can leave behind (the official in-place
+  ``switch_to_deploy`` does). For every
+  model: the loaded file against ``repfuse_cli.layout.fast_layout`` of it (1x1 weights with (I, 1, I, I)
+  strides, the opt-in layout of ``load_deploy``) and against the loaded file with model and input in
+  ``torch.channels_last`` (``model.to(memory_format=...)``, ``x.contiguous(memory_format=...)``). These
   pairs are timed interleaved (A B, then B A, per round, same input, after warm-up), which cancels
   drift in machine load better than back-to-back blocks; ratio = median over rounds of the paired
   A/B ratio, with a distribution-free 95% confidence interval of that median (ratio of medians and
@@ -56,6 +60,7 @@ from torch import nn  # noqa: E402
 from repfuse_cli.benchmark import _time_once as _time  # noqa: E402  (the `repfuse bench` timer)
 from repfuse_cli.benchmark import bench_models  # noqa: E402
 from repfuse_cli.deployfile import load_deploy  # noqa: E402
+from repfuse_cli.layout import fast_layout  # noqa: E402
 from repfuse_cli.pipeline import run_conversion  # noqa: E402
 
 MODELS = {"vanillanet_5": "vanillanet", "vanillanet_13": "vanillanet", "RepVGG-A0": "repvgg", "RepVGG-B3": "repvgg"}
@@ -77,21 +82,25 @@ def median_ci(values: list[float], conf: float = 0.95) -> tuple[float, float]:
     return (v[k - 1], v[n - k]) if k >= 1 else (v[0], v[-1])
 
 
-def interleaved(a: nn.Module, b: nn.Module, x: torch.Tensor, device: str, warmup: int, rounds: int) -> dict:
+def interleaved(
+    a: nn.Module, b: nn.Module, x: torch.Tensor, device: str, warmup: int, rounds: int, xb: torch.Tensor | None = None
+) -> dict:
     """Latency of a and b timed A B, B A, ... per round; ``ratio`` = median over rounds of the paired
-    a/b ratio (both runs of a pair see the same machine load), plus medians, mins and output diff."""
+    a/b ratio (both runs of a pair see the same machine load), plus medians, mins and output diff.
+    ``xb``: b's input when it differs from a's (the same values in another memory format)."""
     ta: list[float] = []
     tb: list[float] = []
+    xb = x if xb is None else xb
     with torch.inference_mode():
         for _ in range(warmup):
             a(x)
-            b(x)
+            b(xb)
         _sync(device)
         for r in range(rounds):
-            pair = [(a, ta), (b, tb)] if r % 2 == 0 else [(b, tb), (a, ta)]
-            for m, acc in pair:
-                acc.append(_time(m, x, device))
-        ya, yb = a(x).double(), b(x).double()
+            pair = [(a, x, ta), (b, xb, tb)] if r % 2 == 0 else [(b, xb, tb), (a, x, ta)]
+            for m, inp, acc in pair:
+                acc.append(_time(m, inp, device))
+        ya, yb = a(x).double(), b(xb).double()
         diff = ((ya - yb).abs().max() / ya.abs().max().clamp_min(1e-30)).item()
     ma, mb = statistics.median(ta), statistics.median(tb)
     ratios = [p / q for p, q in zip(ta, tb, strict=True)]
@@ -177,7 +186,6 @@ def prepare(name: str, tmp: str, device: str) -> dict:
     # what `repfuse convert --no-verify` does; .train/.deploy are the models `repfuse bench CKPT` times
     conv = run_conversion(ckpt, out, arch=arch, verify=False, force=True)
     deploy_file = load_deploy(out)  # what a user runs: the written file, rebuilt
-    out.unlink()
     ckpt.unlink()  # the training model keeps its (mmap'ed) tensors alive
     state = {k: v.detach().clone() for k, v in conv.deploy.state_dict().items()}
     m = {
@@ -185,6 +193,10 @@ def prepare(name: str, tmp: str, device: str) -> dict:
         "memory": conv.deploy,
         "file": deploy_file,
         "indep": independent_deploy(name, conv.plan.config, state),
+        # the opt-in fastest layout of a loaded file (repfuse_cli.layout.fast_layout: 1x1 weights with
+        # (I, 1, I, I) strides), and the loaded file with model and input in torch.channels_last
+        "fast_layout": fast_layout(load_deploy(out), inplace=True),
+        "channels_last_model": load_deploy(out).to(memory_format=torch.channels_last),
         "size": conv.plan.input_size,
     }
     info: dict = {"arch": arch}
@@ -194,10 +206,11 @@ def prepare(name: str, tmp: str, device: str) -> dict:
             names = restride_1x1(m[layout], layout)
             p = dict(m[layout].named_parameters())[f"{names[0]}.weight"]
             info[layout] = {"weights": names, "example_stride": list(p.stride()), "example_shape": list(p.shape)}
+    out.unlink()
     info["in_memory_noncanonical_strides"] = {
         k: list(v.stride()) for k, v in conv.deploy.state_dict().items() if v.dim() and not _canonical(v)
     }
-    for k in ("train", "memory", "file", "indep", "transposed", "channels_last"):
+    for k in ("train", "memory", "file", "indep", "transposed", "channels_last", "fast_layout", "channels_last_model"):
         if k in m:
             m[k].to(device)
     info["setup_s"] = round(time.perf_counter() - t0, 1)
@@ -218,10 +231,19 @@ def measure_batch(name: str, m: dict, b: int, args: argparse.Namespace, rounds: 
     for layout in ("transposed", "channels_last"):
         if layout in m:
             same[f"independent_vs_{layout}_1x1"] = interleaved(m["indep"], m[layout], x, device, args.warmup, rounds)
+    same["file_vs_fast_layout"] = interleaved(m["file"], m["fast_layout"], x, device, args.warmup, rounds)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    same["file_vs_channels_last"] = interleaved(
+        m["file"], m["channels_last_model"], x, device, args.warmup, rounds, xb=x_cl
+    )
     line = (
         f"{name:15s} b{b:<2d} train {row['train_ms']:8.2f} ms  deploy {row['deploy_ms']:8.2f} ms "
         f"x{row['speedup']:.2f} | mem/indep {same['memory_vs_independent']['ratio']:.3f} "
         f"file/indep {same['file_vs_independent']['ratio']:.3f}"
+    )
+    line += (
+        f" file/fast_layout {same['file_vs_fast_layout']['ratio']:.3f}"
+        f" file/channels_last {same['file_vs_channels_last']['ratio']:.3f}"
     )
     if "transposed" in m:
         line += (
@@ -269,7 +291,7 @@ def run(args: argparse.Namespace) -> dict:
         # time budget lasts (so a cheap model's batch 64 is not crowded out by a costly batch 8)
         def estimate(name: str, b: int) -> float:
             r0 = res["models"][name]["rows"][0]
-            per_round = (r0["train_ms"] + r0["deploy_ms"] * (7 if "transposed" in models[name] else 3)) / 1000
+            per_round = (r0["train_ms"] + r0["deploy_ms"] * (11 if "transposed" in models[name] else 7)) / 1000
             return per_round * b / r0["batch"] * (args.rounds_large + 3 * args.warmup)
 
         for est, name, b in sorted((estimate(n, b), n, b) for b in later for n in args.models):

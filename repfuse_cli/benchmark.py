@@ -8,6 +8,7 @@ TF32 is off on CUDA, so both models do the same float32 arithmetic; cudnn.benchm
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -22,7 +23,7 @@ from .verification import exact_float32
 @dataclass
 class LatencyRow:
     batch: int
-    mode: str  # "eager" or "compiled"
+    mode: str  # "eager", "fast-layout", "channels-last" or "compiled"
     train_ms: float
     deploy_ms: float
     speedup: float  # train_ms / deploy_ms
@@ -64,13 +65,15 @@ def bench_models(
     warmup: int = 3,
     repeats: int = 10,
     seed: int = 0,
+    layouts: bool = False,
 ) -> list[LatencyRow]:
-    """Latency rows (eager, then compiled if asked) for each batch size.
+    """Latency rows (eager; with ``layouts`` the deploy model in ``layout.fast_layout`` and both
+    models channels_last with a channels_last input; compiled if asked) for each batch size.
 
     The models are moved to ``device`` in float32 (a copy is not made: pass models you own).
     """
     with exact_float32(cudnn_benchmark=True):
-        return _bench(train, deploy, input_size, batches, device, compile, warmup, repeats, seed)
+        return _bench(train, deploy, input_size, batches, device, compile, warmup, repeats, seed, layouts)
 
 
 def _bench(
@@ -83,17 +86,27 @@ def _bench(
     warmup: int,
     repeats: int,
     seed: int,
+    layouts: bool,
 ) -> list[LatencyRow]:
     train = train.to(device=device, dtype=torch.float32).eval()
     deploy = deploy.to(device=device, dtype=torch.float32).eval()
-    variants = [("eager", train, deploy)]
+    plain = torch.contiguous_format
+    variants: list[tuple[str, nn.Module, nn.Module, torch.memory_format]] = [("eager", train, deploy, plain)]
+    if layouts:  # the deploy model in the layout measured fastest, and both models channels_last
+        from .layout import fast_layout
+
+        variants.append(("fast-layout", train, fast_layout(deploy), plain))
+        last = torch.channels_last
+        variants.append(("channels-last", copy.deepcopy(train).to(memory_format=last),
+                         copy.deepcopy(deploy).to(memory_format=last), last))  # fmt: skip
     if compile:
-        variants.append(("compiled", torch.compile(train), torch.compile(deploy)))  # type: ignore[arg-type]
+        compiled = (torch.compile(train), torch.compile(deploy))
+        variants.append(("compiled", *compiled, plain))  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for mode, t, d in variants:
+    for mode, t, d, fmt in variants:
         for b in batches:
-            x = torch.randn(b, *input_size, generator=g).to(device)
+            x = torch.randn(b, *input_size, generator=g).to(device).contiguous(memory_format=fmt)
             t_ms = median_latency(t, x, device, warmup, repeats)
             d_ms = median_latency(d, x, device, warmup, repeats)
             rows.append(LatencyRow(b, mode, round(t_ms, 4), round(d_ms, 4), round(t_ms / d_ms, 3)))

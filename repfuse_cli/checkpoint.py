@@ -13,7 +13,9 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,7 +138,10 @@ def _torch_load(path: Path, trust: bool) -> Any:
     if trust:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=is_zip)
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
+        # A plain pickle (protocol > 2) makes torch warn before it refuses or reads the file: the
+        # outcome is reported in one line of our own, so the warning is only noise.
+        with torch.serialization.safe_globals(_safe_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as e:
         text = str(e)
@@ -192,21 +197,36 @@ def _is_weights(obj: Any) -> bool:
     )
 
 
+def _strip(k: str, seen: list[str], module_name: bool = False) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for p in PREFIXES:
+            # a metadata key names a module: `module` itself is the DDP wrapper (the root)
+            if k.startswith(p) or (module_name and k == p[:-1]):
+                k, changed = k[len(p) :], True
+                if p not in seen:
+                    seen.append(p)
+    return k
+
+
 def strip_prefixes(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
-    """Remove DDP's ``module.`` and torch.compile's ``_orig_mod.``, only at the start of keys."""
-    out, seen = {}, []
+    """Remove DDP's ``module.`` and torch.compile's ``_orig_mod.``, only at the start of keys.
+
+    A state_dict's ``_metadata`` (the per-module versions ``torch.save(model.state_dict())``
+    keeps, which some ``_load_from_state_dict`` read) is kept, with the same prefixes removed.
+    """
+    out: dict[str, Tensor] = {}
+    seen: list[str] = []
     for k, v in sd.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p) :], True
-                    if p not in seen:
-                        seen.append(p)
+        k = _strip(k, seen)
         if k in out:
             raise BadInput(f"key `{k}` appears twice once `module.`/`_orig_mod.` prefixes are removed")
         out[k] = v
+    meta = getattr(sd, "_metadata", None)
+    if isinstance(meta, Mapping):
+        out = OrderedDict(out)
+        out._metadata = OrderedDict((_strip(str(k), [], True), v) for k, v in meta.items())  # type: ignore[attr-defined]
     return out, seen
 
 
@@ -262,7 +282,7 @@ def load_checkpoint(path: str | os.PathLike, key: str | None = None, trust: bool
     extras = (
         {}
         if chosen is None and _is_weights(obj)
-        else {k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "version", "metric")}
+        else {k: _plain(v) for k, v in obj.items() if k in ("epoch", "arch", "args", "config", "version", "metric")}
     )
     entries = {} if chosen is None and _is_weights(obj) else {str(k): _describe(v) for k, v in obj.items()}
     mapped = file_mappings(path, sd.values()) if fmt == "torch" else ()
@@ -328,6 +348,11 @@ def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Mo
         for k in expected
         if k.endswith("num_batches_tracked") and k not in sd and k[: -len("num_batches_tracked")] + "running_mean" in sd
     }
+    # The module versions: the file's (kept by strip_prefixes), else the model's own (what saving
+    # it now would record): some `_load_from_state_dict` (torchvision MNASNet) require one.
+    metadata = getattr(sd, "_metadata", None)
+    if not isinstance(metadata, Mapping):
+        metadata = getattr(expected, "_metadata", None)
     if counters:
         sd = {**sd, **counters}
     missing = [k for k in expected if k not in sd]
@@ -351,7 +376,13 @@ def load_strict(model: nn.Module, sd: Mapping[str, Tensor], where: str) -> nn.Mo
         if shapes:
             parts.append(f"{len(shapes)} shape/dtype mismatches ({'; '.join(shapes[:2])})")
         raise KeyMismatch(f"{where}: weights do not match the architecture: {'; '.join(parts)}")
-    model.load_state_dict(dict(sd), strict=True, assign=True)
+    to_load = OrderedDict(sd)
+    if isinstance(metadata, Mapping):
+        to_load._metadata = OrderedDict(metadata)  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(to_load, strict=True, assign=True)
+    except Exception as e:  # the model's own `_load_from_state_dict` refused them (e.g. a version)
+        raise KeyMismatch(f"{where}: the model refuses these weights ({first_line(e, 300)})") from None
     leftover = [n for n, t in _tensors(model) if t.is_meta]
     if leftover:  # non-persistent buffers of a meta-built model: the builder must fill them
         raise RuntimeError(f"tensors left uninitialised after loading: {leftover[:3]}")

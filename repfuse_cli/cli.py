@@ -14,7 +14,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, TypeVar
 
 import typer
 from rich.console import Console, RenderableType
@@ -23,7 +23,6 @@ from .errors import RepfuseError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Source
-    from .results import Result
 
 app = typer.Typer(
     name="repfuse",
@@ -72,6 +71,57 @@ ResOpt = Annotated[
     ),
 ]
 BatchOpt = Annotated[int, typer.Option("--batch", help="Batch size of the seeded random inputs.", min=1)]
+ImgBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch",
+        help="Batch size: of the seeded random inputs (default 1 for convert, 4 for verify), or images "
+        "per forward pass with an --inputs folder (default 32).",
+        min=1,
+    ),
+]
+InputsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--inputs",
+        help="Real inputs: a folder of images (JPEG/PNG/WebP/BMP; DIR/<class>/* gives labels) run through the "
+        "model's own evaluation transform, or a tensor file (N,C,H,W) in .pt, .npy or .safetensors, optionally "
+        "with `labels`.",
+    ),
+]
+_IMG = "Image folders (--inputs DIR)"
+ClassMapOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--class-map", rich_help_panel=_IMG,
+        help="Class folder names, one a line, in the model's class order (default: the sorted folder names).",
+    ),
+]  # fmt: skip
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", rich_help_panel=_IMG, help="Only the first N images (sorted order).", min=1)
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option("--mean", rich_help_panel=_IMG, help="Normalization mean, e.g. 0.485,0.456,0.406 (overrides)."),
+]
+StdOpt = Annotated[
+    str | None, typer.Option("--std", rich_help_panel=_IMG, help="Normalization std, e.g. 0.229,0.224,0.225.")
+]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option("--crop-pct", rich_help_panel=_IMG, help="Center-crop fraction in (0, 1]: resize to size/crop-pct."),
+]
+InterpOpt = Annotated[
+    str | None,
+    typer.Option("--interpolation", rich_help_panel=_IMG, help="Resize filter: bilinear, bicubic, nearest, ..."),
+]
+MinAgreeOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-agreement", rich_help_panel=_IMG,
+        help="Fail (exit 1) when the top-1 agreement of train and deploy is below this fraction, e.g. 0.999.",
+    ),
+]  # fmt: skip
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")]
 AtolOpt = Annotated[float | None, typer.Option("--atol", help="Absolute tolerance (default per dtype).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (TF32 off; bench: cudnn.benchmark on).")]
@@ -105,7 +155,11 @@ def _emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-R = TypeVar("R", bound="Result")
+class _Result(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+R = TypeVar("R", bound=_Result)
 
 
 def _show(result: R, json_out: bool, quiet: bool, render: Callable[[R], RenderableType]) -> None:
@@ -168,6 +222,56 @@ def _progress(enabled: bool, steps: int = 7) -> tuple[contextlib.AbstractContext
     return progress, on_step
 
 
+def _images_task(ctx: Any) -> Callable[[int, int, float], None] | None:
+    """A second bar, for the images of an --inputs folder, on the pipeline's progress bar (if shown)."""
+    from rich.progress import Progress
+
+    if not isinstance(ctx, Progress):
+        return None
+    task = ctx.add_task("images", total=None)
+
+    def update(done: int, total: int, rate: float) -> None:
+        ctx.update(task, completed=done, total=total, description=f"{done}/{total} images, {rate:.0f}/s")
+
+    return update
+
+
+def _image_options(
+    inputs: Path | None,
+    ctx: Any,
+    class_map: Path | None,
+    limit: int | None,
+    mean: str | None,
+    std: str | None,
+    crop_pct: float | None,
+    interpolation: str | None,
+    min_agreement: float | None,
+) -> Any:
+    """The image flags as the library's ImageOptions (BadInput when given without an image folder)."""
+    from .errors import BadInput
+    from .images import ImageOptions, is_folder
+
+    given = {
+        "--class-map": class_map, "--limit": limit, "--mean": mean, "--std": std, "--crop-pct": crop_pct,
+        "--interpolation": interpolation, "--min-agreement": min_agreement,
+    }  # fmt: skip
+    if not is_folder(inputs):
+        flag = next((f for f, v in given.items() if v is not None), None)
+        if flag:
+            raise BadInput(f"{flag} applies to an image folder given with --inputs DIR")
+        return None
+    return ImageOptions(
+        class_map=class_map, limit=limit, mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation,
+        min_agreement=min_agreement, progress=_images_task(ctx),
+    )  # fmt: skip
+
+
+def _batch(batch: int | None, inputs: Path | None, default: int) -> int:
+    from .images import is_folder
+
+    return batch if batch is not None else (32 if is_folder(inputs) else default)
+
+
 def _one_step(step: str, progress: bool, call: Callable[[], Any]) -> Any:
     """``call()`` under a one-step progress bar (when ``progress`` and stderr is a terminal)."""
     ctx, on_step = _progress(progress, steps=1)
@@ -185,12 +289,13 @@ def _source(
     trust: bool,
     assume_annealed: bool,
     resolution: int | None,
+    extra_folds: bool = False,
 ) -> Source:
     """The options every command shares, as the one value the library takes."""
     from .fuser import Options
     from .pipeline import Source
 
-    options = Options(variant=variant, model=model, assume_annealed=assume_annealed)
+    options = Options(variant=variant, model=model, assume_annealed=assume_annealed, extra_folds=extra_folds)
     return Source(path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
 
 
@@ -208,7 +313,8 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip verification (not recommended).")] = False,
     resolution: ResOpt = None,
-    batch: BatchOpt = 1,
+    inputs: InputsOpt = None,
+    batch: ImgBatchOpt = None,
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
     rtol: RtolOpt = None,
@@ -216,6 +322,21 @@ def convert(
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     assume_annealed: AnnealOpt = False,
+    extra_folds: Annotated[
+        bool,
+        typer.Option(
+            "--extra-folds",
+            help="FastViT: also fold the FFN BatchNorms, attention norms and layer scales the official deploy "
+            "model keeps (the file then loads only with repfuse_cli.load_deploy).",
+        ),
+    ] = False,
+    class_map: ClassMapOpt = None,
+    limit: LimitOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpOpt = None,
+    min_agreement: MinAgreeOpt = None,
 ) -> None:
     """Fuse a training checkpoint into a verified deploy-mode safetensors file."""
     with _errors(json_out):
@@ -228,10 +349,12 @@ def convert(
             )
         ctx, on_step = _progress(not (quiet or json_out))
         with ctx:
+            images = _image_options(inputs, ctx, class_map, limit, mean, std, crop_pct, interpolation, min_agreement)
             conv = run_conversion(
-                _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution),
-                output, force=force, verify=not no_verify, batch=batch, seed=seed, atol=atol, rtol=rtol,
-                report=json_out or not quiet, on_step=on_step,
+                _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution,
+                        extra_folds),
+                output, force=force, verify=not no_verify, batch=_batch(batch, inputs, 1), seed=seed, atol=atol,
+                rtol=rtol, report=json_out or not quiet, on_step=on_step, inputs=inputs, images=images,
             )  # fmt: skip
         _show(conv.result, json_out, quiet, conversion_report)
 
@@ -244,13 +367,8 @@ def verify(
     model: ModelOpt = None,
     variant: VariantOpt = None,
     key: KeyOpt = None,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(
-            "--inputs", help="Real inputs: images (N,C,H,W) in .pt, .npy or .safetensors, optionally with `labels`."
-        ),
-    ] = None,
-    batch: BatchOpt = 4,
+    inputs: InputsOpt = None,
+    batch: ImgBatchOpt = None,
     resolution: ResOpt = None,
     seed: SeedOpt = 0,
     atol: AtolOpt = None,
@@ -260,26 +378,28 @@ def verify(
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
     assume_annealed: AnnealOpt = False,
+    class_map: ClassMapOpt = None,
+    limit: LimitOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpOpt = None,
+    min_agreement: MinAgreeOpt = None,
 ) -> None:
     """Prove a deploy file computes what the training checkpoint computes (exit 0), or say where not (exit 1)."""
     with _errors(json_out):
         from .commands import verify_files
         from .report import verify_report
 
-        result = _one_step(
-            "verify",
-            not (quiet or json_out),
-            lambda: verify_files(
+        ctx, on_step = _progress(not (quiet or json_out), steps=1)
+        with ctx:
+            on_step("verify")
+            images = _image_options(inputs, ctx, class_map, limit, mean, std, crop_pct, interpolation, min_agreement)
+            result = verify_files(
                 _source(checkpoint, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution),
-                deploy,
-                inputs=inputs,
-                batch=batch,
-                seed=seed,
-                atol=atol,
-                rtol=rtol,
-                device=device,
-            ),  # fmt: skip
-        )
+                deploy, inputs=inputs, batch=_batch(batch, inputs, 4), seed=seed, atol=atol, rtol=rtol,
+                device=device, images=images,
+            )  # fmt: skip
         _show(result, json_out, quiet, verify_report)
 
 
@@ -324,6 +444,10 @@ def bench(
     ] = "torch",
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.", min=1)] = 10,
+    layouts: Annotated[
+        bool,
+        typer.Option("--layouts", help="Also time the deploy model's fast 1x1 layout and both models channels_last."),
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     trust_checkpoint: TrustOpt = False,
@@ -339,8 +463,8 @@ def bench(
         if runtime == "onnxruntime":
             from .export import bench_file_onnxruntime
 
-            if device != "cpu" or compile:
-                raise BadInput("--runtime onnxruntime: runs on the CPU provider; drop --device/--compile")
+            if device != "cpu" or compile or layouts:
+                raise BadInput("--runtime onnxruntime: runs on the CPU provider; drop --device/--compile/--layouts")
             result = _one_step(
                 "bench",
                 not (quiet or json_out),
@@ -360,6 +484,7 @@ def bench(
                     compile=compile,
                     warmup=warmup,
                     repeats=repeats,
+                    layouts=layouts,
                 ),  # fmt: skip
             )
         else:
@@ -390,7 +515,11 @@ def export(
     ] = False,
     inputs: Annotated[
         Path | None,
-        typer.Option("--inputs", help="Also compare on these images (N,C,H,W) in .pt, .npy or .safetensors."),
+        typer.Option(
+            "--inputs",
+            help="Also compare on these images: (N,C,H,W) in .pt, .npy or .safetensors, or an image folder "
+            "(DIR/<class>/* or DIR/*, through the model's evaluation transform; checkpoint SOURCE only).",
+        ),
     ] = None,
     batch: Annotated[
         int | None,
@@ -433,6 +562,23 @@ def export(
                 on_step=on_step,
             )
         _show(result, json_out, quiet, export_report)
+
+
+@app.command()
+def diff(
+    a: Annotated[Path, typer.Argument(help="A deploy file (.safetensors).")],
+    b: Annotated[Path, typer.Argument(help="Another deploy file, e.g. a rebuild of the first.")],
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compare two deploy files tensor by tensor: exit 0 identical, 1 they differ (largest difference in ulps)."""
+    with _errors(json_out):
+        from .deploydiff import diff_files
+        from .report import diff_report
+
+        result = diff_files(a, b)
+        _show(result, json_out, quiet, diff_report)
+    raise typer.Exit(result.exit_code)
 
 
 @app.command()

@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint, check_finite, float_dtype, load_checkpoint, 
 from .deployfile import DEPLOY_FORMAT, build_deploy_model, read_deploy
 from .errors import BadInput, KeyMismatch, UnknownArch, VerifyFailed
 from .fuser import Fuser, Plan
+from .images import ImageOptions, is_folder, list_for, verify_folder
 from .memory import releasing
 from .pipeline import Source, ckpt_dtype, dtype_name, failure, fuse, names_of, prepare, seeded, unfused_of
 from .registry import get_fuser
@@ -81,6 +82,7 @@ def bench_file(
     compile: bool = False,
     warmup: int = 3,
     repeats: int = 10,
+    layouts: bool = False,
     **source: Any,
 ) -> BenchReport:
     """Latency of the training model (eval) against the deploy model (``repfuse bench``).
@@ -91,8 +93,9 @@ def bench_file(
     m = load_pair(Source.of(checkpoint, **source), deploy_path)
     c, h, w = m.plan.input_size
     rows = bench_models(
-        m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile, warmup=warmup, repeats=repeats
-    )
+        m.train, m.deploy, (c, h, w), batches=batches, device=device, compile=compile, warmup=warmup,
+        repeats=repeats, layouts=layouts,
+    )  # fmt: skip
     return BenchReport(
         checkpoint=str(m.ckpt.path),
         deploy=str(deploy_path) if deploy_path else "(fused in memory)",
@@ -118,32 +121,45 @@ def verify_files(
     atol: float | None = None,
     rtol: float | None = None,
     device: str = "cpu",
+    images: ImageOptions | None = None,
     **source: Any,
 ) -> VerifyReport:
     """Check that DEPLOY computes what CHECKPOINT's training model computes.
 
     DEPLOY is a file repfuse wrote, or any deploy state_dict in the layout the fuser writes
-    (e.g. the official VanillaNet/RepVGG converters' output). ``source``: :class:`Source`'s
-    fields. Raises VerifyFailed (exit 1) when outputs differ beyond tolerance, naming where
-    they diverge.
+    (e.g. the official VanillaNet/RepVGG converters' output). ``inputs``: a tensor file, or a
+    folder of images run through the model's own evaluation transform (``images``: the image
+    flags, see :class:`repfuse_cli.images.ImageOptions`). ``source``: :class:`Source`'s
+    fields. Raises VerifyFailed (exit 1) when outputs differ beyond tolerance (or top-1
+    agreement is below ``images.min_agreement``), naming where they diverge.
     """
     t0 = time.perf_counter()
     check_device(device)
     check_tolerances(atol, rtol)
     src = Source.of(checkpoint, **source)
-    x_labels = load_inputs(inputs) if inputs is not None else None  # bad inputs fail before any work
+    # bad inputs fail before any work
+    folder = list_for(inputs, images) if inputs is not None and is_folder(inputs) else None
+    x_labels = load_inputs(inputs) if inputs is not None and folder is None else None
     m = load_pair(src, deploy_path)
     labels = None
-    if x_labels is not None and inputs is not None:
-        x, labels = x_labels
-        desc = f"{x.shape[0]} images from {Path(inputs).name}" + (" with labels" if labels is not None else "")
+    if folder is not None:
+        with releasing(m.train, m.ckpt.release):
+            verified = verify_folder(
+                m.train, m.deploy, m.fuser, m.plan, m.ckpt, folder, dtype=m.dtype, batch=batch, device=device,
+                atol=atol, rtol=rtol, resolution=src.resolution, exclude=m.fuser.folded_modules(m.deploy_plan),
+                options=images,
+            )  # fmt: skip
     else:
-        x, desc = seeded(batch, m.plan, seed)
-    with releasing(m.train, m.ckpt.release):
-        verified = verify_models(
-            m.train, m.deploy, x, m.dtype, atol=atol, rtol=rtol, device=device, labels=labels,
-            exclude=m.fuser.folded_modules(m.deploy_plan), inputs_desc=desc,
-        )  # fmt: skip
+        if x_labels is not None and inputs is not None:
+            x, labels = x_labels
+            desc = f"{x.shape[0]} images from {Path(inputs).name}" + (" with labels" if labels is not None else "")
+        else:
+            x, desc = seeded(batch, m.plan, seed)
+        with releasing(m.train, m.ckpt.release):
+            verified = verify_models(
+                m.train, m.deploy, x, m.dtype, atol=atol, rtol=rtol, device=device, labels=labels,
+                exclude=m.fuser.folded_modules(m.deploy_plan), inputs_desc=desc,
+            )  # fmt: skip
     result = VerifyReport(
         checkpoint=str(m.ckpt.path),
         deploy=str(deploy_path),
@@ -157,7 +173,8 @@ def verify_files(
     )
     if not verified.passed:
         what = f"{deploy_path}: does not match {m.ckpt.path.name}"
-        raise VerifyFailed(failure(what, verified, tolerance=False), result=result.to_dict())
+        msg = f"{what}: {verified.images.failure()}" if verified.images else failure(what, verified, tolerance=False)
+        raise VerifyFailed(msg, result=result.to_dict())
     return result
 
 

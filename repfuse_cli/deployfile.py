@@ -196,11 +196,13 @@ def read_deploy(path: str | Path, model: str | None = None) -> tuple[Plan, dict[
     return plan, tensors, meta
 
 
-def load_deploy(path: str | Path, model: str | None = None) -> nn.Module:
+def load_deploy(path: str | Path, model: str | None = None, fast_layout: bool = False) -> nn.Module:
     """Rebuild the deploy model (eval mode) from any deploy file repfuse wrote.
 
     ``model``: for conv-bn files of a ``pkg.module:callable`` network, that spec, to allow
-    importing it (a file's metadata alone never makes repfuse import code).
+    importing it (a file's metadata alone never makes repfuse import code). ``fast_layout``:
+    give each 1x1 conv weight the in-memory layout measured fastest on the CPU (same values,
+    see ``repfuse_cli.layout``; the file is not changed).
 
     Example::
 
@@ -208,4 +210,9 @@ def load_deploy(path: str | Path, model: str | None = None) -> nn.Module:
         logits = model(images)
     """
     plan, tensors, _ = read_deploy(path, model)
-    return build_deploy_model(get_fuser(plan.arch), plan, tensors, str(path))
+    deploy = build_deploy_model(get_fuser(plan.arch), plan, tensors, str(path))
+    if fast_layout:
+        from .layout import fast_layout as relayout
+
+        relayout(deploy, inplace=True)
+    return deploy

@@ -24,6 +24,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,7 +54,17 @@ INPUT_NAME, OUTPUT_NAME = "input", "output"
 SEEDED_BATCH = 3  # the second batch size of the seeded check (the first is 1)
 
 Step = Callable[[str], None]
-Inputs = Tensor | Iterable[Tensor] | str | Path | None
+
+
+@dataclass
+class DescribedBatches:
+    """Extra inputs as batches of (N, C, H, W), with what they are for the report."""
+
+    desc: str
+    batches: Iterable[Tensor]
+
+
+Inputs = Tensor | Iterable[Tensor] | DescribedBatches | str | Path | None
 
 
 def _noop(_: str) -> None:
@@ -431,13 +442,13 @@ def _batches(inputs: Inputs, input_size: tuple[int, int, int]) -> tuple[str, Ite
     if isinstance(inputs, (str, Path)):
         path = Path(inputs)
         if path.is_dir():
-            raise BadInput(
-                f"{path}: image folders are not supported by export yet; give a .pt, .npy or .safetensors file"
-            )
+            raise BadInput(f"--inputs {path}: an image folder needs a training checkpoint as SOURCE (export_file)")
         from .verification import load_inputs
 
         x, _ = load_inputs(path)
         return f"{x.shape[0]} images from {path.name}", iter([x])
+    if isinstance(inputs, DescribedBatches):
+        return inputs.desc, iter(inputs.batches)
     if isinstance(inputs, Tensor):
         return f"{inputs.shape[0]} given inputs", iter([inputs])
     return "given input batches", iter(inputs)
@@ -808,6 +819,17 @@ def export_file(
         notes, key, source_kind = list(pair.notes), pair.ckpt.key, "checkpoint"
         sha = pair.ckpt.sha256()
         extra = {"deploy_sha256": file_sha256(Path(deploy))} if deploy is not None else {}
+        if inputs is not None and isinstance(inputs, (str, Path)) and Path(inputs).is_dir():
+            # an image folder, through the family's own evaluation transform at the graph's size
+            from .images import batches as image_batches
+            from .images import list_images, resolve_transform
+
+            folder = list_images(inputs, num_classes=plan.num_classes)
+            t = resolve_transform(pair.fuser, plan, pair.ckpt, resolution=plan.input_size[1])
+            inputs = DescribedBatches(
+                f"{len(folder.files)} images from {Path(inputs).name}/ ({t.source})",
+                (b.x for b in image_batches(folder, t, 32, channels=plan.input_size[0])),
+            )
     metadata = {
         "repfuse_version": __version__,
         "source": src.name,

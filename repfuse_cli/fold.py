@@ -223,3 +223,26 @@ def add_identity(kernel: Tensor, scale: Tensor, first_row: int = 0) -> Tensor:
     index: tuple[Tensor | int, ...] = (idx - first_row, idx % per_group, *center)
     kernel[index] += _f64(scale)
     return kernel
+
+
+def fold_bn_into_next(
+    weight: Tensor, bias: Tensor | None, scale: Tensor, shift: Tensor, *, groups: int = 1
+) -> tuple[Tensor, Tensor]:
+    """Fold a per-input-channel affine ``x*scale + shift`` that *precedes* a Linear or a conv.
+
+    ``weight`` is (out, in/groups, *k) as torch stores Linear and Conv weights. Returns (W', b')
+    in float64: ``W'[o, j, ...] = W[o, j, ...] * scale[c]`` and ``b' = b + sum_{j,k} W[o, j, k] * shift[c]``,
+    ``c`` being input channel ``j`` of output ``o``'s group. Exact only where every tap of the
+    kernel reads a real input (a Linear, or a conv without padding): a zero-padded border would
+    read 0 where the unfolded model reads ``shift``.
+    """
+    w = _f64(weight)
+    out, per_group = w.shape[0], w.shape[1]
+    if out % groups or scale.numel() != per_group * groups:
+        raise ValueError(f"a ({out}, {per_group}, ...) weight in {groups} groups cannot take {scale.numel()} channels")
+    wg = w.reshape(groups, out // groups, per_group, -1)
+    s = _f64(scale).reshape(groups, 1, per_group, 1)
+    t = _f64(shift).reshape(groups, 1, per_group, 1)
+    new_w = (wg * s).reshape(w.shape)
+    extra = (wg * t).sum((2, 3)).reshape(out)
+    return new_w, extra if bias is None else _f64(bias) + extra

@@ -34,6 +34,7 @@ from .deployfile import (
 from .errors import BadInput, UnknownArch, VerifyFailed, first_line
 from .fold import standard_layout
 from .fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
+from .images import ImageOptions, is_folder, list_for, verify_folder
 from .memory import StagedWrite, in_background, releasing
 from .registry import all_fusers, get_fuser
 from .results import ConversionResult, Unfused
@@ -41,6 +42,7 @@ from .stats import model_stats
 from .verification import (
     VerifyResult,
     check_tolerances,
+    load_inputs,
     seeded_inputs,
     verify_models,
 )
@@ -98,14 +100,15 @@ def detect(ckpt: Checkpoint, arch: str = "auto", options: Options | None = None)
         fuser = get_fuser("conv-bn")
         return fuser, fuser.detect(ckpt, options)
     reasons = []
+    trying = dataclasses.replace(options, under_auto=True)
     for fuser in all_fusers():
         try:
-            return fuser, fuser.detect(ckpt, options)
+            return fuser, fuser.detect(ckpt, trying)
         except NotThisArch as e:
             reasons.append(f"{fuser.name}: {e}")
     raise UnknownArch(
-        f"{ckpt.path}: architecture not recognized; name it with --arch "
-        f"(vanillanet, repvgg, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
+        f"{ckpt.path}: architecture not recognized; name it with --arch (vanillanet, repvgg, mobileone, "
+        f"fastvit, repvit, timm:NAME, or conv-bn with --model) [{'; '.join(reasons)[:300]}]"
     )
 
 
@@ -215,6 +218,8 @@ def run_conversion(
     write: bool = True,
     report: bool = True,
     on_step: Step = _noop,
+    inputs: str | Path | None = None,
+    images: ImageOptions | None = None,
     **fields: Any,
 ) -> Conversion:
     """:func:`convert`, returning the models and intermediate results as well.
@@ -222,7 +227,9 @@ def run_conversion(
     ``source``: a :class:`Source`, or a path and Source's ``fields``; ``force``: overwrite
     ``output``; ``verify``: compare the two models on ``batch`` seeded inputs within
     ``atol``/``rtol``; ``write``: save the file; ``report``: count params/FLOPs/layers (the CLI
-    skips it when nothing is shown); ``on_step``: called with each pipeline step's name.
+    skips it when nothing is shown); ``on_step``: called with each pipeline step's name;
+    ``inputs``: verify on a tensor file or a folder of images (through the model's own evaluation
+    transform; ``images``: the image flags) instead of seeded inputs.
     """
     t0 = time.perf_counter()
     src = Source.of(source, **fields)
@@ -230,6 +237,9 @@ def run_conversion(
     out = Path(output) if output is not None else default_output(src.path)
     if write:
         check_output(out, src.path, force)
+    # bad inputs fail before any work
+    folder = list_for(inputs, images) if verify and inputs is not None and is_folder(inputs) else None
+    x_labels = load_inputs(inputs) if verify and inputs is not None and folder is None else None
 
     on_step("load")
     ckpt = src.load()
@@ -257,12 +267,24 @@ def run_conversion(
         verified = None
         if verify:
             on_step("verify")
-            x, desc = seeded(batch, plan, seed)
+            labels = None
+            if x_labels is not None and inputs is not None:
+                x, labels = x_labels
+                desc = f"{x.shape[0]} images from {Path(inputs).name}" + (" with labels" if labels is not None else "")
+            else:
+                x, desc = seeded(batch, plan, seed)
             with releasing(train, ckpt.release):
-                verified = verify_models(
-                    train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol,
-                    exclude=fuser.folded_modules(deploy_plan), inputs_desc=desc,
-                )  # fmt: skip
+                if folder is not None:
+                    verified = verify_folder(
+                        train, deploy, fuser, plan, ckpt, folder, dtype=ckpt.dtype, batch=batch, atol=atol,
+                        rtol=rtol, resolution=src.resolution, exclude=fuser.folded_modules(deploy_plan),
+                        options=images,
+                    )  # fmt: skip
+                else:
+                    verified = verify_models(
+                        train, deploy, x, ckpt.dtype, atol=atol, rtol=rtol, labels=labels,
+                        exclude=fuser.folded_modules(deploy_plan), inputs_desc=desc,
+                    )  # fmt: skip
 
         on_step("report")
         shape = (1, *plan.input_size)
@@ -296,7 +318,8 @@ def run_conversion(
         if verified is not None and not verified.passed:
             result.output = None
             result.seconds = round(time.perf_counter() - t0, 3)
-            msg = failure(f"{src.path}: verification failed", verified, tolerance=True)
+            what = f"{src.path}: verification failed"
+            msg = f"{what}: {verified.images.failure()}" if verified.images else failure(what, verified, tolerance=True)
             raise VerifyFailed(f"{msg}; no output written", result=result.to_dict())
 
         if staged is not None:

@@ -36,6 +36,18 @@ BUILTIN: dict[str, tuple[str, str]] = {
         "repfuse_cli.fusers.repvgg:RepVGGFuser",
         "RepVGG (DingXiaoH and timm layouts): 3x3 + 1x1 + identity branches into one 3x3, SE kept",
     ),
+    "mobileone": (
+        "repfuse_cli.fusers.mobileone:MobileOneFuser",
+        "MobileOne (apple/ml-mobileone and timm layouts): S0-S4, conv/scale/skip branches into one conv, SE kept",
+    ),
+    "fastvit": (
+        "repfuse_cli.fusers.fastvit:FastViTFuser",
+        "FastViT (apple/ml-fastvit and timm layouts): T8-MA36, MobileOne/RepMixer/RepCPE/large-kernel re-param",
+    ),
+    "repvit": (
+        "repfuse_cli.fusers.repvit:RepViTFuser",
+        "RepViT (THU-MIG official layout; timm's with --arch repvit): RepVGGDW, conv-BN, BN-Linear heads",
+    ),
     "conv-bn": (
         "repfuse_cli.fusers.conv_bn:ConvBnFuser",
         "Any network (timm:NAME or pkg.module:callable): fold every BatchNorm into the conv/linear feeding it",

@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .deploydiff import DiffResult
     from .registry import FuserInfo
     from .results import BenchReport, ConversionResult, ExportResult, InspectReport, VerifyReport
     from .stats import ModelStats
@@ -81,13 +82,17 @@ def verify_lines(v: VerifyResult | None) -> list[Text]:
             style="dim",
         ),
     ]
-    if v.accuracy_train is not None and v.accuracy_deploy is not None:
+    if v.accuracy_train is not None and v.accuracy_deploy is not None and v.images is None:
         lines.append(
             Text(
                 f"  accuracy on the labelled inputs: train {v.accuracy_train * 100:.2f}%, "
                 f"deploy {v.accuracy_deploy * 100:.2f}%"
             )
         )
+    if v.images is not None:
+        from .images import report_lines
+
+        lines += [Text(line) for line in report_lines(v.images.to_dict())]
     if v.diverges_at:
         lines.append(Text(f"  outputs first diverge at `{v.diverges_at}`", style="red"))
     return lines
@@ -111,6 +116,8 @@ def conversion_report(r: ConversionResult) -> Group:
         "branch_merges": "branch merges",
         "chain_merges": "1x1 chain merges",
         "timm_reparameterized": "modules re-parameterized by timm",
+        "bn_folded_across_concat": "of them across a concat",
+        "bn_folded_into_next": "of them into the next layer",
     }
     parts.append(Text("fused: " + ", ".join(f"{v} {desc.get(k, k)}" for k, v in r.fused.items())))
     if r.unfused:
@@ -120,6 +127,8 @@ def conversion_report(r: ConversionResult) -> Group:
         if len(r.unfused) > 8:
             parts.append(Text(f"  ... and {len(r.unfused) - 8} more (see --json)", style="yellow"))
     parts += [Text(f"note: {n}", style="yellow") for n in r.notes]
+    fallback = {s.counted_with for s in (r.before, r.after) if s is not None and s.counted_with != "shapes"}
+    parts += [Text(f"note: figures counted with {c}", style="dim") for c in sorted(fallback)]
     parts.extend(verify_lines(r.verify))
     if r.output:
         parts.append(Text.from_markup(f"wrote [bold]{r.output}[/] in {r.seconds or 0:.2f} s"))
@@ -262,4 +271,26 @@ def export_report(r: ExportResult) -> Group:
             parts.append(Text(f"  differs on {c.inputs}: {why}", style="red"))
     if r.output:
         parts.append(Text.from_markup(f"wrote [bold]{r.output}[/] in {r.seconds or 0:.2f} s"))
+    return Group(*parts)
+
+
+def diff_report(r: DiffResult) -> Group:
+    parts: list[Any] = [Text(r.summary(), style="bold green" if r.identical else "bold red")]
+    if r.differing or r.mismatched or r.only_in_a or r.only_in_b:
+        t = Table(title=f"A: {r.a}\nB: {r.b}", title_justify="left")
+        for col in ("tensor", "dtype", "shape", "elements differing", "max ulps", "max abs diff"):
+            t.add_column(col, justify="left" if col == "tensor" else "right")
+        for d in sorted(r.differing, key=lambda d: -d.max_ulps)[:20]:
+            t.add_row(
+                d.key, d.dtype, str(list(d.shape)), f"{d.differing:,}", f"{d.max_ulps:,}", f"{d.max_abs_diff:.3g}"
+            )
+        for m in r.mismatched[:10]:
+            t.add_row(str(m["key"]), "", "", f"A {m['a']} vs B {m['b']}", "", "")
+        for k in r.only_in_a[:10]:
+            t.add_row(k, "", "", "only in A", "", "")
+        for k in r.only_in_b[:10]:
+            t.add_row(k, "", "", "only in B", "", "")
+        parts.append(t)
+    if r.metadata_differs:
+        parts.append(Text(f"metadata differs (not compared): {', '.join(r.metadata_differs)}", style="dim"))
     return Group(*parts)

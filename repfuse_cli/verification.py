@@ -9,13 +9,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import BadInput, first_line
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .images import ImageResult
 
 # Default tolerances per checkpoint dtype: (atol, rtol). A result passes when
 # max|train - deploy| <= atol + rtol * max|train| (differences relative to the output's scale).
@@ -45,6 +48,7 @@ class VerifyResult:
     diverges_at: str | None = None  # first shared module whose output differs (on failure)
     accuracy_train: float | None = None  # with labelled inputs
     accuracy_deploy: float | None = None
+    images: ImageResult | None = None  # --inputs DIR: the image folder's figures (repfuse_cli.images)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,6 +19,15 @@ training scripts write checkpoints:
                        version, args, metric}).
 - heldout.safetensors  256 held-out images (normalized, float16) and their labels, for
                        `repfuse verify --inputs`.
+- heldout_images/      the same 256 held-out images as 8-bit PNG files in class folders named so
+                       that they sort in training order (`0_disc` ... `5_cross`), for
+                       `repfuse verify --inputs DIR` with each model's own evaluation transform.
+
+Each checkpoint records in `args` how it was trained, including its evaluation transform (32 px,
+no resize margin, mean 0.5 / std 0.25), so that repfuse's "the model's own preprocessing" is right
+for the samples too: VanillaNet main.py's `input_size`, `crop_pct` and `imagenet_default_mean_and_std`
+(main.py has no mean/std flags: those are recorded in timm train.py's names `mean`/`std`), timm
+train.py's `img_size`, `crop_pct`, `interpolation`, `mean`, `std`, and the same names for RepVGG.
 
 The recipe and the accuracies reached are written to sample_checkpoints/RECIPE.md.
 """
@@ -83,8 +92,30 @@ def make_shapes(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return images, labels
 
 
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
 def normalize(x: Tensor) -> Tensor:
     return (x - 0.5) / 0.25
+
+
+def quantize(x: Tensor) -> Tensor:
+    """[0, 1] images as the 8-bit PNG files hold them (uint8)."""
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def write_image_folder(images: Tensor, labels: Tensor, root: Path) -> None:
+    """The held-out images as PNG files under root/<i>_<class>/<index>.png (sorted = training order)."""
+    import shutil
+
+    from PIL import Image
+
+    if root.exists():
+        shutil.rmtree(root)
+    for c, name in enumerate(CLASSES):
+        (root / f"{c}_{name}").mkdir(parents=True)
+    for i, (img, c) in enumerate(zip(quantize(images), labels.tolist(), strict=True)):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(root / f"{c}_{CLASSES[c]}" / f"{i:03d}.png", optimize=True)
 
 
 def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> float:
@@ -140,10 +171,12 @@ def main() -> None:
     torch.manual_seed(SEED)
     torch.set_num_threads(2)
     t0 = time.time()
-    x_all, y_all = make_shapes(N_TRAIN + N_HELDOUT, SEED)
-    x_all = normalize(x_all)
+    raw, y_all = make_shapes(N_TRAIN + N_HELDOUT, SEED)
+    x_all = normalize(raw)
     x, y = x_all[:N_TRAIN], y_all[:N_TRAIN]
     xh, yh = x_all[N_TRAIN:], y_all[N_TRAIN:]
+    write_image_folder(raw[N_TRAIN:], yh, HERE / "heldout_images")
+    xq = normalize(quantize(raw[N_TRAIN:]).float() / 255)  # what the PNG folder gives at 32 px, no resize
     results = {}
 
     # VanillaNet with deep training: act_learn = epoch / decay_epochs until decay_epochs, then 1.
@@ -162,7 +195,12 @@ def main() -> None:
         on_epoch=lambda m, e: m.set_act_learn(act_learn_at(e, decay)),
     )
     assert vnet.act_learn == 1.0
-    results["vanillanet_tiny.pth"] = ("vanillanet", evaluate(vnet, xh, yh), evaluate(ema, xh, yh))
+    results["vanillanet_tiny.pth"] = (
+        "vanillanet",
+        evaluate(vnet, xh, yh),
+        evaluate(ema, xh, yh),
+        evaluate(vnet, xq, yh),
+    )
     args = argparse.Namespace(
         model="vanillanet_tiny",
         epochs=epochs,
@@ -172,6 +210,10 @@ def main() -> None:
         lr=0.05,
         opt="sgd",
         input_size=SIZE,
+        crop_pct=1.0,  # evaluate at 32 px without a resize margin
+        imagenet_default_mean_and_std=False,
+        mean=list(MEAN),  # main.py has no mean/std flags: timm train.py's names
+        std=list(STD),
         nb_classes=len(CLASSES),
         model_ema=True,
         model_key="model|module",
@@ -201,7 +243,18 @@ def main() -> None:
     rnet = build_repvgg(rcfg, deploy=False)
     opt, _ = train(rnet, x, y, RV_EPOCHS, 0.05, SEED + 2)
     acc = evaluate(rnet, xh, yh)
-    results["repvgg_tiny.pth.tar"] = ("repvgg", acc, None)
+    results["repvgg_tiny.pth.tar"] = ("repvgg", acc, None, evaluate(rnet, xq, yh))
+    rargs = argparse.Namespace(
+        arch="RepVGG-custom",
+        epochs=RV_EPOCHS,
+        batch_size=64,
+        lr=0.05,
+        input_size=SIZE,
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=list(MEAN),
+        std=list(STD),
+    )
     torch.save(
         {
             "epoch": RV_EPOCHS - 1,
@@ -209,6 +262,7 @@ def main() -> None:
             "best_acc1": torch.tensor(acc * 100),
             "state_dict": {f"module.{k}": v for k, v in rnet.state_dict().items()},
             "optimizer": opt.state_dict(),
+            "args": rargs,
         },
         HERE / "repvgg_tiny.pth.tar",
     )
@@ -220,7 +274,7 @@ def main() -> None:
     tnet = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
     opt, ema = train(tnet, x, y, TM_EPOCHS, TM_LR, SEED + 3, ema_decay=0.99)
     acc, acc_ema = evaluate(tnet, xh, yh), evaluate(ema, xh, yh)
-    results["test_efficientnet.pth.tar"] = ("conv-bn", acc, acc_ema)
+    results["test_efficientnet.pth.tar"] = ("conv-bn", acc, acc_ema, evaluate(tnet, xq, yh))
     targs = argparse.Namespace(
         model="test_efficientnet",
         num_classes=len(CLASSES),
@@ -230,6 +284,13 @@ def main() -> None:
         batch_size=64,
         model_ema=True,
         model_ema_decay=0.99,
+        img_size=SIZE,
+        input_size=None,
+        crop_pct=1.0,
+        crop_mode=None,
+        interpolation="bilinear",
+        mean=list(MEAN),
+        std=list(STD),
     )
     torch.save(
         {
@@ -253,14 +314,14 @@ def main() -> None:
         metadata={"classes": ",".join(CLASSES), "normalization": "(x - 0.5) / 0.25", "seed": str(SEED)},
     )
     write_recipe(results, time.time() - t0)
-    for name, (fuser, a, e) in results.items():
+    for name, (fuser, a, e, _) in results.items():
         print(f"{name}: {fuser}, held-out top-1 {a * 100:.1f}%" + (f" (EMA {e * 100:.1f}%)" if e else ""))
 
 
 def write_recipe(results, seconds: float) -> None:
     rows = "\n".join(
-        f"| `{n}` | {f} | {a * 100:.1f}% | {'' if e is None else f'{e * 100:.1f}%'} |"
-        for n, (f, a, e) in results.items()
+        f"| `{n}` | {f} | {a * 100:.1f}% | {'' if e is None else f'{e * 100:.1f}%'} | {q * 100:.1f}% |"
+        for n, (f, a, e, q) in results.items()
     )
     (HERE / "RECIPE.md").write_text(f"""# Sample checkpoints
 
@@ -271,7 +332,20 @@ initialisation and shuffling, 2 CPU threads; took {seconds:.0f} s here).
 "shapes6", generated by `make_shapes` (no downloads): {N_TRAIN} training and {N_HELDOUT} held-out 32x32 RGB
 images of six classes ({", ".join(CLASSES)}), each a shape of random size (half-size 7-13 px), position and
 colours on a random background, plus Gaussian noise (sigma 0.08); normalized as (x - 0.5) / 0.25. Chance is
-{100 / len(CLASSES):.1f}%. `heldout.safetensors` holds the held-out images (float16) and labels.
+{100 / len(CLASSES):.1f}%. `heldout.safetensors` holds the held-out images (float16) and labels;
+`heldout_images/` the same images as 8-bit PNG files in one folder per class, named so that the folders
+sort in training order (`0_disc`, `1_square`, `2_triangle`, `3_hbar`, `4_vbar`, `5_cross`).
+
+## Evaluation transform, as each checkpoint records it
+32 px images, no resize margin (`crop_pct` 1.0, so resizing a 32 px image is a no-op), scaled to [0, 1] and
+normalized with mean 0.5 / std 0.25 per channel. Each checkpoint records this in its `args`, the way its
+training script records arguments, so that `repfuse verify --inputs heldout_images` uses it:
+- `vanillanet_tiny.pth`: VanillaNet main.py's `input_size` 32, `crop_pct` 1.0,
+  `imagenet_default_mean_and_std` False, plus `mean`/`std` in timm train.py's names (main.py has no flags
+  for them; repfuse honors recorded `mean`/`std` for every family).
+- `repvgg_tiny.pth.tar`: `args` with `input_size` 32, `crop_pct` 1.0, `interpolation` bilinear, `mean`, `std`.
+- `test_efficientnet.pth.tar`: timm train.py's `img_size` 32, `crop_pct` 1.0, `interpolation` bilinear,
+  `mean`, `std`.
 
 ## Training
 SGD, momentum 0.9, weight decay 5e-5, batch 64, cosine learning-rate schedule (from 0.05 unless said),
@@ -286,8 +360,8 @@ random horizontal flips. EMA weights (decay 0.99) where the real script keeps th
 
 ## Held-out top-1 accuracy
 
-| file | fuser | top-1 | EMA top-1 |
-|---|---|---|---|
+| file | fuser | top-1 | EMA top-1 | top-1 on `heldout_images/` |
+|---|---|---|---|---|
 {rows}
 """)
 

@@ -109,3 +109,43 @@ def test_float16_deploy_file_is_verified_at_float16_tolerances(toy, tmp_path):
     res = json.loads(r.stdout)
     assert res["verify"]["rtol"] == 1e-2 and res["verify"]["passed"]
     assert any("float16" in n and "float32" in n and "tolerances" in n for n in res["notes"])
+
+
+def test_diff_command_exit_codes(toy, tmp_path):
+    import json
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert convert(toy, *TOY, "-o", a).exit_code == 0
+    assert convert(toy, *TOY, "-o", b).exit_code == 0  # a rebuild: the same bytes
+    r = runner.invoke(app, ["diff", str(a), str(b)])
+    assert r.exit_code == 0 and "identical" in r.stdout
+    tensors = load_file(b)
+    key = next(k for k, v in tensors.items() if v.is_floating_point())
+    flat = tensors[key].flatten()
+    flat[0] = torch.nextafter(flat[0], torch.tensor(float("inf")))  # one element, one ulp
+    save_file(tensors, b)
+    r = runner.invoke(app, ["diff", str(a), str(b), "--json"])
+    res = json.loads(r.stdout)
+    assert r.exit_code == 1 and res["max_ulps"] == 1 and res["differing_elements"] == 1
+    r = runner.invoke(app, ["diff", str(a), str(tmp_path / "missing.safetensors")])
+    assert_one_line_error(r, 2, "missing.safetensors")
+
+
+def test_load_deploy_fast_layout_and_bench_layout_rows(toy, tmp_path):
+    import json
+
+    from repfuse_cli import load_deploy
+
+    out = tmp_path / "toy.safetensors"
+    assert convert(toy, *TOY, "-o", out).exit_code == 0
+    plain = load_deploy(out, model="toy_models:reversed_order")
+    fast = load_deploy(out, model="toy_models:reversed_order", fast_layout=True)
+    for (n, p), (_, f) in zip(plain.state_dict().items(), fast.state_dict().items(), strict=True):
+        assert torch.equal(p, f), n
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(plain(x), fast(x), rtol=1e-5, atol=1e-6)
+    r = runner.invoke(
+        app, ["bench", str(toy), str(out), *TOY, "--layouts", "--repeats", "1", "--warmup", "0", "--json"]
+    )
+    assert r.exit_code == 0, r.stderr
+    assert [row["mode"] for row in json.loads(r.stdout)["rows"]] == ["eager", "fast-layout", "channels-last"]

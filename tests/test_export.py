@@ -430,3 +430,20 @@ def test_cli_bench_onnxruntime(toy_ckpt):
     assert res["runtime"].startswith("onnxruntime") and [row["mode"] for row in res["rows"]] == ["onnxruntime"]
     r = runner.invoke(app, [*args, "--compile"])
     assert r.exit_code == 2 and "--compile" in r.stderr
+
+
+def test_image_folder_inputs_go_through_the_eval_transform(toy_ckpt, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(5):
+        pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    out = tmp_path / "f.onnx"
+    from repfuse_cli.fuser import Options
+
+    res = export_file(toy_ckpt, out, inputs=folder, options=Options(model="toy_models:reversed_order"), resolution=16)
+    assert res.verify.passed and "5 images from imgs/" in res.verify.inputs
+    assert [c.batch for c in res.verify.checks] == [1, 3, 5]

@@ -71,6 +71,7 @@ def test_release_pipeline_script_runs_and_fails_on_mismatch(workdir, tmp_path):
     bad.mkdir()
     (bad / "repvgg_tiny.pth.tar").symlink_to(REPO / "sample_checkpoints" / "vanillanet_tiny.pth")
     (bad / "heldout.safetensors").symlink_to(REPO / "sample_checkpoints" / "heldout.safetensors")
+    (bad / "heldout_images").symlink_to(REPO / "sample_checkpoints" / "heldout_images")
     p = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env(), capture_output=True, text=True)
     assert p.returncode != 0 and "conversion failed with exit code 2" in p.stderr
 

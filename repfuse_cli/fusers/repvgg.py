@@ -32,7 +32,17 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, KeyMismatch
 from ..fold import add_centered, add_identity, bn_scale_shift, fold_bn
-from ..fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import (
+    Done,
+    EvalTransform,
+    Fused,
+    Fuser,
+    NotThisArch,
+    Options,
+    Plan,
+    recorded_transform,
+    timm_eval_transform,
+)
 
 # Global block indices (stage0 = 0) that the official g2/g4 variants make group-wise.
 GROUPWISE_LAYERS = tuple(range(2, 27, 2))
@@ -555,3 +565,40 @@ class RepVGGFuser(Fuser):
     def build_deploy(self, plan: Plan) -> nn.Module:
         with torch.device("meta"):
             return RepVGG(plan.config, deploy=True, layout=plan.layout).eval()
+
+    def eval_transform(self, plan: Plan, ckpt: Checkpoint) -> EvalTransform:
+        """timm layout: timm's data config for the matching ``repvgg_*`` model. Official layout:
+        DingXiaoH/RepVGG ``data/build.py`` (eval): ``Resize(TEST_SIZE, bilinear)`` + center crop
+        ``TEST_SIZE`` (no margin), or ``Resize(int(256 / 224 * TEST_SIZE))`` with ``TEST.CROP``;
+        no resize at 32 px or below; ImageNet mean/std. A main.py checkpoint's ``config``
+        (DATA.TEST_SIZE / IMG_SIZE / INTERPOLATION, TEST.CROP) and ``args`` in timm train.py's
+        names (input_size, crop_pct, interpolation, mean, std) take precedence."""
+        args = ckpt.args
+        if plan.layout == "timm":
+            return timm_eval_transform(plan.config.get("timm_model"), args, plan.input_size[0])
+        used: list[str] = []
+        config = ckpt.extras.get("config")
+        data = config.get("DATA", {}) if isinstance(config, Mapping) else {}
+        test = config.get("TEST", {}) if isinstance(config, Mapping) else {}
+        data = data if isinstance(data, Mapping) else {}
+        size = next(
+            (data[k] for k in ("TEST_SIZE", "IMG_SIZE") if type(data.get(k)) is int and data[k] > 0),
+            plan.input_size[-1],
+        )
+        interpolation = data.get("INTERPOLATION") if data.get("INTERPOLATION") in ("bilinear", "bicubic") else None
+        crop = isinstance(test, Mapping) and test.get("CROP") is True
+        if data:
+            used.append("config.DATA")
+        base = EvalTransform(
+            size=size,
+            interpolation=interpolation or "bilinear",
+            crop_pct=224 / 256 if crop else 1.0,
+            resize=int((256 / 224) * size) if crop else size,
+        )
+        t, extra = recorded_transform(base, args)
+        used += [f"args.{n}" for n in extra]
+        if t.size <= 32 and "crop_pct" not in extra:  # resize_im is false: the image goes in as it is
+            t = dataclasses.replace(t, crop_pct=1.0, resize=t.size)
+        how = "no resize at 32 px or below" if t.size <= 32 else ("TEST.CROP" if crop else "resize + center crop")
+        source = f"RepVGG data/build.py eval ({how})" + (f", {'/'.join(used)} from the checkpoint" if used else "")
+        return dataclasses.replace(t, source=source)

@@ -31,7 +31,20 @@ from torch import Tensor, nn
 from ..checkpoint import float_dtype, load_strict
 from ..errors import AnnealingUnfinished, BadInput, KeyMismatch
 from ..fold import bn_scale_shift, fold_bn, merge_1x1
-from ..fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    INCEPTION_MEAN,
+    INCEPTION_STD,
+    Done,
+    EvalTransform,
+    Fused,
+    Fuser,
+    NotThisArch,
+    Options,
+    Plan,
+    recorded_transform,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..checkpoint import Checkpoint
@@ -652,3 +665,43 @@ class VanillaNetFuser(Fuser):
         cfg = VanillaCfg.from_config(plan.config)
         with torch.device("meta"):
             return VanillaNetDeploy(cfg).eval()
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def eval_transform(self, plan: Plan, ckpt: Checkpoint) -> EvalTransform:
+        """VanillaNet datasets.py ``build_transform`` (eval), from main.py's recorded ``args``:
+        above 32 px and below 384 px ``Resize(int(input_size / crop_pct), bicubic)`` + center crop
+        (``crop_pct`` 224/256 unless recorded); at 384 px and above a bicubic resize to the square
+        with no crop; at 32 px and below no resize at all. ImageNet's mean/std, or Inception's
+        0.5/0.5 when ``args.imagenet_default_mean_and_std`` is false; ``mean``/``std`` recorded
+        in timm train.py's names take precedence."""
+        args = ckpt.args
+        size = _int_or_none(args.get("input_size"))
+        used = ["input_size"] if size and size > 0 else []
+        size = size if size and size > 0 else plan.input_size[-1]
+        default_norm = args.get("imagenet_default_mean_and_std", True)
+        if isinstance(default_norm, str):  # main.py parses it with str2bool
+            default_norm = default_norm.strip().lower() not in ("false", "no", "0", "f", "n")
+        if "imagenet_default_mean_and_std" in args:
+            used.append("imagenet_default_mean_and_std")
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if default_norm is not False else (INCEPTION_MEAN, INCEPTION_STD)
+        crop = args.get("crop_pct")
+        crop_pct = 224 / 256
+        if isinstance(crop, (int, float)) and not isinstance(crop, bool) and 0 < crop <= 1:
+            used.append("crop_pct")
+            crop_pct = float(crop)
+        if size <= 32:  # resize_im is false: the image goes in as it is
+            geometry: dict[str, Any] = {"crop_pct": 1.0, "resize": size}
+            how = "no resize at 32 px or below"
+        elif size >= 384:
+            geometry, how = {"crop_pct": None}, "warped to the square at 384 px or above"
+        else:
+            geometry, how = {"crop_pct": crop_pct, "resize": int(size / crop_pct)}, "resize + center crop"
+        base = EvalTransform(size=size, interpolation="bicubic", mean=mean, std=std, **geometry)
+        # only the normalization in timm's names: size and crop follow main.py's own arguments
+        t, extra = recorded_transform(base, {k: args[k] for k in ("mean", "std") if k in args})
+        used += extra
+        source = f"VanillaNet datasets.py eval ({how})" + (
+            f", args.{'/'.join(used)} from the checkpoint" if used else ""
+        )
+        return replace(t, source=source)
