@@ -10,7 +10,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,onnx]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,6 +30,8 @@ demo: $(STAMP)
 	@echo; echo "== RepVGG (DDP checkpoint, module. prefixes)"
 	$(BIN)/repfuse convert $(SAMPLES)/repvgg_tiny.pth.tar -o $(DEMO)/repvgg_tiny.deploy.safetensors --force
 	$(BIN)/repfuse verify $(SAMPLES)/repvgg_tiny.pth.tar $(DEMO)/repvgg_tiny.deploy.safetensors $(HELDOUT)
+	@echo; echo "== ONNX: export the RepVGG sample; onnxruntime runs the file at batch 1 and 3 and on the held-out images"
+	$(BIN)/repfuse export $(SAMPLES)/repvgg_tiny.pth.tar -o $(DEMO)/repvgg_tiny.onnx --resolution 32 $(HELDOUT) --force
 	@echo; echo "== timm test_efficientnet (conv-bn, timm train.py checkpoint, EMA weights)"
 	$(BIN)/repfuse convert $(SAMPLES)/test_efficientnet.pth.tar --key state_dict_ema -o $(DEMO)/test_efficientnet.deploy.safetensors --force
 	$(BIN)/repfuse verify $(SAMPLES)/test_efficientnet.pth.tar $(DEMO)/test_efficientnet.deploy.safetensors --key state_dict_ema $(HELDOUT)

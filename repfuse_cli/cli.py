@@ -434,6 +434,14 @@ def bench(
     resolution: ResOpt = None,
     device: DeviceOpt = "cpu",
     compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile'd models.")] = False,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            "--runtime",
+            help="torch, or onnxruntime: time the exported training and deploy graphs on onnxruntime's CPU "
+            "provider (needs repfuse[onnx]).",
+        ),
+    ] = "torch",
     warmup: Annotated[int, typer.Option("--warmup", min=0)] = 3,
     repeats: Annotated[int, typer.Option("--repeats", help="Timed runs; the median is reported.", min=1)] = 10,
     layouts: Annotated[
@@ -448,23 +456,112 @@ def bench(
     """Measure the training model (eval) against the deploy model: latency and speedup per batch size."""
     with _errors(json_out):
         from .commands import bench_file
+        from .errors import BadInput
         from .report import bench_table
 
-        result = _one_step(
-            "bench",
-            not (quiet or json_out),
-            lambda: bench_file(
-                _source(checkpoint, arch, model, None, key, trust_checkpoint, assume_annealed, resolution),
-                deploy,
-                batches=tuple(batch or [1]),
-                device=device,
-                compile=compile,
-                warmup=warmup,
-                repeats=repeats,
-                layouts=layouts,
-            ),  # fmt: skip
-        )
+        src = _source(checkpoint, arch, model, None, key, trust_checkpoint, assume_annealed, resolution)
+        if runtime == "onnxruntime":
+            from .export import bench_file_onnxruntime
+
+            if device != "cpu" or compile or layouts:
+                raise BadInput("--runtime onnxruntime: runs on the CPU provider; drop --device/--compile/--layouts")
+            result = _one_step(
+                "bench",
+                not (quiet or json_out),
+                lambda: bench_file_onnxruntime(
+                    src, deploy, batches=tuple(batch or [1]), warmup=warmup, repeats=repeats
+                ),  # fmt: skip
+            )
+        elif runtime == "torch":
+            result = _one_step(
+                "bench",
+                not (quiet or json_out),
+                lambda: bench_file(
+                    src,
+                    deploy,
+                    batches=tuple(batch or [1]),
+                    device=device,
+                    compile=compile,
+                    warmup=warmup,
+                    repeats=repeats,
+                    layouts=layouts,
+                ),  # fmt: skip
+            )
+        else:
+            raise BadInput(f"--runtime {runtime}: expected torch or onnxruntime")
         _show(result, json_out, quiet, bench_table)
+
+
+@app.command()
+def export(
+    source: Annotated[
+        Path, typer.Argument(help="Training checkpoint (anything `convert` takes), or a deploy file repfuse wrote.")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .onnx file to write (required).")],
+    deploy: Annotated[
+        Path | None,
+        typer.Argument(help="Deploy weights to export, checked against SOURCE's training model. Default: fuse SOURCE."),
+    ] = None,
+    arch: ArchOpt = "auto",
+    model: ModelOpt = None,
+    variant: VariantOpt = None,
+    key: KeyOpt = None,
+    resolution: ResOpt = None,
+    opset: Annotated[
+        int, typer.Option("--opset", help="ONNX opset the exporter writes (18 or newer; default 20).")
+    ] = 20,
+    static_batch: Annotated[
+        bool, typer.Option("--static-batch", help="Fix the batch dimension at --batch (default: dynamic).")
+    ] = False,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(
+            "--inputs",
+            help="Also compare on these images: (N,C,H,W) in .pt, .npy or .safetensors, or an image folder "
+            "(DIR/<class>/* or DIR/*, through the model's evaluation transform; checkpoint SOURCE only).",
+        ),
+    ] = None,
+    batch: Annotated[
+        int | None,
+        typer.Option(
+            "--batch",
+            min=1,
+            help="Seeded check: batch 1 and N (dynamic; default 3), or the fixed batch (--static-batch; default 1).",
+        ),
+    ] = None,
+    seed: SeedOpt = 0,
+    atol: AtolOpt = None,
+    rtol: RtolOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    trust_checkpoint: TrustOpt = False,
+    assume_annealed: AnnealOpt = False,
+) -> None:
+    """Export the deploy model to ONNX, proven equal to the training model under onnxruntime (needs repfuse[onnx])."""
+    with _errors(json_out):
+        from .export import export_file
+        from .report import export_report
+
+        if trust_checkpoint and not quiet:
+            print(f"repfuse: warning: --trust-checkpoint: unpickling {source} may run code from it", file=sys.stderr)
+        ctx, on_step = _progress(not (quiet or json_out), steps=6)
+        with ctx:
+            result = export_file(
+                _source(source, arch, model, variant, key, trust_checkpoint, assume_annealed, resolution),
+                output,
+                deploy,
+                opset=opset,
+                static_batch=static_batch,
+                batch=batch,
+                inputs=inputs,
+                seed=seed,
+                atol=atol,
+                rtol=rtol,
+                force=force,
+                on_step=on_step,
+            )
+        _show(result, json_out, quiet, export_report)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from rich.text import Text
 if TYPE_CHECKING:  # pragma: no cover
     from .deploydiff import DiffResult
     from .registry import FuserInfo
-    from .results import BenchReport, ConversionResult, InspectReport, VerifyReport
+    from .results import BenchReport, ConversionResult, ExportResult, InspectReport, VerifyReport
     from .stats import ModelStats
     from .verification import VerifyResult
 
@@ -202,6 +202,76 @@ def bench_table(r: BenchReport) -> Table:
     for row in r.rows:
         t.add_row(str(row.batch), row.mode, f"{row.train_ms:.3f}", f"{row.deploy_ms:.3f}", f"{row.speedup:.2f}x")
     return t
+
+
+def ops_table(r: ExportResult) -> Table:
+    """ONNX nodes by op type: the training model exported the same way against the deploy graph."""
+    before, after = r.ops_before, r.ops_after
+    shape = "x".join(str(d) for d in r.input_shape)
+    t = Table(title=f"ONNX graph: nodes by op type (opset {r.opset}, input {shape})", title_justify="left")
+    t.add_column("op")
+    if before is not None:
+        t.add_column("train graph", justify="right")
+    t.add_column("deploy graph", justify="right")
+    if before is not None:
+        t.add_column("change", justify="right")
+    ops = list(before or {})
+    ops += [op for op in after if op not in ops]
+    for op in ops:
+        a = after.get(op, 0)
+        if before is None:
+            t.add_row(op, str(a))
+            continue
+        b = before.get(op, 0)
+        style = "green" if a < b else ("red" if a > b else None)
+        t.add_row(op, str(b), str(a), f"{a - b:+d}" if a != b else "", style=style)
+    if before is not None and r.nodes_before is not None:
+        t.add_row("all nodes", str(r.nodes_before), str(r.nodes_after), f"{r.nodes_after - r.nodes_before:+d}")
+    else:
+        t.add_row("all nodes", str(r.nodes_after))
+    return t
+
+
+def export_report(r: ExportResult) -> Group:
+    parts: list[Any] = [ops_table(r)]
+    parts.append(
+        Text.from_markup(
+            f"architecture: [bold]{r.arch}[/]  variant: [bold]{r.variant}[/]  layout: {r.layout}  "
+            f"from: {r.source_kind}  weights: {r.key or '(bare state_dict)'}"
+        )
+    )
+    batch = "dynamic" if r.dynamic_batch else f"static ({r.input_shape[0]})"
+    where = f" (weights in {r.data_file})" if r.data_file else ""
+    parts.append(
+        Text(
+            f"graph: `{r.input_name}` {r.input_shape} -> `{r.output_name}` {r.output_shape}, batch {batch}, "
+            f"{r.export_dtype}, {human(r.bytes, 'bytes')}{where}"
+        )
+    )
+    for n in r.notes:
+        parts.append(Text(f"note: {n}", style="yellow"))
+    v = r.verify
+    line = Text("verification under onnxruntime: ")
+    line.append("PASSED" if v.passed else "FAILED", style="bold green" if v.passed else "bold red")
+    line.append(f"  max abs diff {v.max_abs_diff:.3g}, max rel diff {v.max_rel_diff:.3g}, cosine {v.cosine:.9f}")
+    if v.top1_agreement is not None:
+        line.append(f", top-1 agreement {v.top1_agreement * 100:.2f}%")
+    parts.append(line)
+    reference = "training" if r.source_kind == "checkpoint" else "deploy"
+    parts.append(
+        Text(
+            f"  {v.runtime} (CPU) against the PyTorch {reference} model on {v.inputs}; "
+            f"tolerance atol {v.atol:g} + rtol {v.rtol:g} x max|output|",
+            style="dim",
+        )
+    )
+    for c in v.checks:
+        if not c.passed:
+            why = c.error or f"max rel diff {c.max_rel_diff:.3g}"
+            parts.append(Text(f"  differs on {c.inputs}: {why}", style="red"))
+    if r.output:
+        parts.append(Text.from_markup(f"wrote [bold]{r.output}[/] in {r.seconds or 0:.2f} s"))
+    return Group(*parts)
 
 
 def diff_report(r: DiffResult) -> Group:

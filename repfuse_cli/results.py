@@ -132,3 +132,60 @@ class BenchReport(Result):
     repeats: int
     rows: list[LatencyRow]
     torch: str
+    runtime: str = "torch"  # "torch", or e.g. "onnxruntime 1.32.0" (`--runtime onnxruntime`: exported graphs)
+
+
+@dataclass
+class OnnxCheck(Result):
+    """One comparison of ``repfuse export``'s proof: onnxruntime on the written graph against PyTorch."""
+
+    inputs: str
+    batch: int
+    max_abs_diff: float
+    max_rel_diff: float
+    passed: bool
+    error: str | None = None  # why onnxruntime could not run the graph on these (well-formed) inputs
+
+
+@dataclass
+class OnnxVerifyResult(VerifyResult):
+    """``verify``'s figures for the graph, over all checks (``diverges_at`` is always None: a graph
+    has no module boundaries), plus the runtime and each check."""
+
+    runtime: str = ""  # e.g. "onnxruntime 1.32.0"
+    checks: list[OnnxCheck] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult(Result):
+    """``repfuse export`` / ``repfuse_cli.export.export``."""
+
+    input: str  # the source file (training checkpoint or repfuse deploy file)
+    deploy: str | None  # the DEPLOY file whose weights were exported; None: fused in memory, or the source
+    output: str | None  # the .onnx written; None when verification failed
+    data_file: str | None  # external data beside it (models near protobuf's 2 GB limit), else None
+    arch: str
+    variant: str
+    layout: str
+    key: str | None
+    source_kind: str  # "checkpoint" or "deploy file"
+    dtype: str  # the source weights' dtype
+    export_dtype: str  # always "float32"
+    input_name: str  # "input"
+    output_name: str  # "output"
+    input_shape: list[int | str]  # e.g. ["batch", 3, 224, 224]
+    output_shape: list[int | str]
+    opset: int
+    dynamic_batch: bool
+    ops_before: dict[str, int] | None  # the training model exported the same way; None for a deploy file alone
+    ops_after: dict[str, int]
+    nodes_before: int | None
+    nodes_after: int
+    bytes: int  # the .onnx plus its external data
+    external_data: bool
+    verify: OnnxVerifyResult
+    metadata: dict[str, str]  # the ONNX metadata props written
+    notes: list[str]
+    exporter: str
+    repfuse_version: str
+    seconds: float | None = None
