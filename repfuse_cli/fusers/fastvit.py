@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, KeyMismatch
 from ..fold import add_centered, fold_bn, identity_kernel
-from ..fuser import IMAGENET_MEAN, IMAGENET_STD, Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan, recorded_transform
 from .mobileone import (
     OFFICIAL_BLOCK,
     TIMM_FASTVIT_BLOCK,
@@ -892,37 +892,12 @@ class FastViTFuser(Fuser):
         ``default_cfg`` (256 px, bicubic, crop_pct 0.9 for T/S/SA12/SA24 and 0.95 for SA36/MA36,
         ImageNet mean/std); training arguments recorded in the checkpoint take precedence."""
         cfg = VARIANTS.get(plan.variant)
-        crop = cfg.crop_pct if cfg else 0.9
-        size, interp = plan.input_size[-1], "bicubic"
-        mean, std = None, None
-        args = ckpt.args
+        base = EvalTransform(size=plan.input_size[-1], interpolation="bicubic", crop_pct=cfg.crop_pct if cfg else 0.9)
+        t, used = recorded_transform(base, ckpt.args)
         source = "apple/ml-fastvit validate.py default_cfg"
-        used = []
-        if isinstance(args.get("input_size"), (list, tuple)) and len(args["input_size"]) == 3:
-            size = int(args["input_size"][-1])
-            used.append("input_size")
-        elif isinstance(args.get("img_size"), int):
-            size = args["img_size"]
-            used.append("img_size")
-        if isinstance(args.get("crop_pct"), float):
-            crop = args["crop_pct"]
-            used.append("crop_pct")
-        if args.get("interpolation") in ("bilinear", "bicubic", "nearest"):
-            interp = args["interpolation"]
-            used.append("interpolation")
-        if isinstance(args.get("mean"), (list, tuple)) and isinstance(args.get("std"), (list, tuple)):
-            mean, std = tuple(float(v) for v in args["mean"]), tuple(float(v) for v in args["std"])
-            used.append("mean/std")
         if used:
-            source += f", {', '.join(used)} from the checkpoint's args"
-        return EvalTransform(
-            size=size,
-            interpolation=interp,
-            crop_pct=crop,
-            mean=IMAGENET_MEAN if mean is None else mean,
-            std=IMAGENET_STD if std is None else std,
-            source=f"{source} (resize {round(size / crop)}, center crop {size}, {interp})",
-        )
+            source += f", {', '.join(f'args.{n}' for n in used)} from the checkpoint"
+        return dataclasses.replace(t, source=source)
 
 
 def named_parts(model: FastViT) -> Iterator[tuple[str, nn.Module]]:

@@ -20,6 +20,7 @@ Two layouts, the same model under other names:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from ..checkpoint import Checkpoint, float_dtype, load_strict
 from ..errors import BadInput, KeyMismatch
 from ..fold import add_centered, add_identity, bn_scale_shift, fold_bn
-from ..fuser import Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan
+from ..fuser import Done, EvalTransform, Fused, Fuser, NotThisArch, Options, Plan, recorded_transform
 
 _STRIDE = 2  # stage0 and the first depthwise block of every stage
 
@@ -631,14 +632,13 @@ class MobileOneFuser(Fuser):
             raise BadInput(f"{where}: {e}") from None
 
     def eval_transform(self, plan: Plan, ckpt: Checkpoint) -> EvalTransform:
-        # apple/ml-mobileone ships no evaluation code; its released weights are evaluated in timm
-        # (`mobileone_sN.apple_in1k`): bilinear, crop_pct 0.875 (S0) / 0.9 (S1-S4), ImageNet mean/std.
-        size = plan.input_size[-1]
+        """apple/ml-mobileone ships no evaluation code; its released weights are evaluated in timm
+        (``mobileone_sN.apple_in1k``): bilinear, crop_pct 0.875 (S0) / 0.9 (S1-S4), ImageNet
+        mean/std. Training arguments recorded in the checkpoint take precedence."""
         crop = _CROP_PCT.get(plan.variant, 0.9 if plan.variant in VARIANTS else 0.875)
-        return EvalTransform(
-            size=size,
-            interpolation="bilinear",
-            crop_pct=crop,
-            source=f"timm pretrained_cfg of the apple/ml-mobileone weights (resize {round(size / crop)}, "
-            f"center crop {size}, bilinear)",
-        )
+        base = EvalTransform(size=plan.input_size[-1], interpolation="bilinear", crop_pct=crop)
+        t, used = recorded_transform(base, ckpt.args)
+        source = "timm pretrained_cfg of the apple/ml-mobileone weights"
+        if used:
+            source += f", {', '.join(f'args.{n}' for n in used)} from the checkpoint"
+        return dataclasses.replace(t, source=source)
