@@ -65,6 +65,11 @@ def run_all(args: argparse.Namespace) -> None:
         "cpu",
         *(["--models", "vanillanet_5", "RepVGG-A0", "--rounds", "3", "--rounds-large", "2"] if q else []),
     )
+    d["onnxruntime"] = _run(
+        "bench_onnxruntime.py",
+        "onnxruntime.json",
+        *(["--models", "timm resnet18", "--batches", "1", "--repeats", "3", "--resolution", "64"] if q else []),
+    )
     meta["cuda"] = _cuda_available()
     if meta["cuda"]:
         d["deploy_speed_cuda"] = _run(
@@ -272,6 +277,9 @@ def render() -> str:
         L += _render_cli(cli)
     if speed:
         L += _render_speed(speed, "CPU")
+    ort = _load("onnxruntime.json")
+    if ort:
+        L += _render_onnxruntime(ort)
     L += ["## GPU", ""]
     if cuda:
         L += _render_speed(cuda, "GPU", heading=False)
@@ -397,6 +405,27 @@ def _render_convert(conv: dict) -> list[str]:
         "",
     ]
     return L
+
+
+def _render_onnxruntime(ort: dict) -> list[str]:
+    L = [f"## 4. Deploy speed under onnxruntime ({ort.get('runtime', '?')}, CPU)", ""]
+    L += [
+        "Method: `bench/bench_onnxruntime.py` (`repfuse bench --runtime onnxruntime` on each model): the "
+        "training model and the deploy model exported the way `repfuse export` exports them (opset 20, dynamic "
+        "batch), each graph timed with onnxruntime's CPU provider (median of "
+        f"{ort.get('repeats')} runs after warm-up, {ort.get('resolution')}x{ort.get('resolution')}); the torch "
+        "eager speedup of the same pair beside it. onnxruntime fuses Conv + BatchNormalization itself, so a plain "
+        "conv-BN network shows what folding adds there (about nothing); the re-parameterizable families show "
+        "what only structural re-parameterization removes.",
+        "",
+    ]
+    rows = [
+        [r["model"], r["batch"], f"{r['ort_train_ms']:.2f}", f"{r['ort_deploy_ms']:.2f}", f"{r['ort_speedup']:.2f}x",
+         f"{r['eager_speedup']:.2f}x"]
+        for r in ort["rows"]
+    ]  # fmt: skip
+    L += _table(["model", "batch", "onnxruntime train ms", "deploy ms", "speedup", "torch eager speedup"], rows)
+    return L + [""]
 
 
 def _render_cli(cli: dict) -> list[str]:
