@@ -461,7 +461,7 @@ def bench(
 
         src = _source(checkpoint, arch, model, None, key, trust_checkpoint, assume_annealed, resolution)
         if runtime == "onnxruntime":
-            from .export import bench_file_onnxruntime
+            from .onnxbench import bench_file_onnxruntime
 
             if device != "cpu" or compile or layouts:
                 raise BadInput("--runtime onnxruntime: runs on the CPU provider; drop --device/--compile/--layouts")
