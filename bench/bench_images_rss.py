@@ -3,7 +3,7 @@
     python bench/bench_images_rss.py [SMALL BIG]      (default 50 5000)
 
 Writes SMALL and BIG random 320x240 JPEGs to a temporary folder, then in a fresh process per size
-runs ``repfuse_cli.images.evaluate_images`` on a small conv-BN network with the ImageNet
+runs ``repfuse_cli.imagecheck.evaluate_images`` on a small conv-BN network with the ImageNet
 transform (resize 256, crop 224), batch 32, and reports each process's peak RSS. Were the images
 held in memory, BIG of them would take BIG x 3 x 224 x 224 x 4 bytes (3 GB for 5000).
 """
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time, torch
 from repfuse_cli.fuser import EvalTransform
-from repfuse_cli.images import evaluate_images
+from repfuse_cli.imagecheck import evaluate_images
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                           torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).eval()

@@ -17,7 +17,8 @@ from .checkpoint import Checkpoint, check_finite, float_dtype, load_checkpoint, 
 from .deployfile import DEPLOY_FORMAT, build_deploy_model, read_deploy
 from .errors import BadInput, KeyMismatch, UnknownArch, VerifyFailed
 from .fuser import Fuser, Plan
-from .images import ImageOptions, is_folder, list_for, verify_folder
+from .imagecheck import verify_folder
+from .images import ImageOptions, is_folder, list_for
 from .memory import releasing
 from .pipeline import Source, ckpt_dtype, dtype_name, failure, fuse, names_of, prepare, seeded, unfused_of
 from .registry import get_fuser

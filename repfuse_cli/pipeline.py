@@ -34,7 +34,8 @@ from .deployfile import (
 from .errors import BadInput, UnknownArch, VerifyFailed, first_line
 from .fold import standard_layout
 from .fuser import Done, Fused, Fuser, NotThisArch, Options, Plan
-from .images import ImageOptions, is_folder, list_for, verify_folder
+from .imagecheck import verify_folder
+from .images import ImageOptions, is_folder, list_for
 from .memory import StagedWrite, in_background, releasing
 from .registry import all_fusers, get_fuser
 from .results import ConversionResult, Unfused

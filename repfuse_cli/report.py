@@ -90,7 +90,7 @@ def verify_lines(v: VerifyResult | None) -> list[Text]:
             )
         )
     if v.images is not None:
-        from .images import report_lines
+        from .imagecheck import report_lines
 
         lines += [Text(line) for line in report_lines(v.images.to_dict())]
     if v.diverges_at:

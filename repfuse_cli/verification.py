@@ -18,7 +18,7 @@ from torch.func import functional_call
 from .errors import BadInput, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .images import ImageResult
+    from .imagecheck import ImageResult
 
 # Default tolerances per checkpoint dtype: (atol, rtol). A result passes when
 # max|train - deploy| <= atol + rtol * max|train| (differences relative to the output's scale).

@@ -20,18 +20,10 @@ from torch import nn
 
 from repfuse_cli import convert, load_deploy
 from repfuse_cli.errors import BadInput, RepfuseError, VerifyFailed
-from repfuse_cli.export import (
-    MissingExtra,
-    StagedOnnx,
-    bench_onnxruntime,
-    check_opset,
-    export,
-    export_file,
-    export_model,
-    op_counts,
-    prove,
-    require_onnx,
-)
+from repfuse_cli.export import export, export_file, export_model
+from repfuse_cli.onnxbench import bench_onnxruntime
+from repfuse_cli.onnxcheck import prove
+from repfuse_cli.onnxgraph import MissingExtra, StagedOnnx, check_opset, op_counts, require_onnx
 from repfuse_cli.verification import run
 
 onnx = pytest.importorskip("onnx")
@@ -228,7 +220,7 @@ def test_external_data_above_the_threshold_lands_beside_the_onnx(tmp_path):
 
 
 def test_external_data_is_moved_first_and_removed_if_the_onnx_cannot_follow(tmp_path, monkeypatch):
-    import repfuse_cli.export as ex
+    import repfuse_cli.onnxgraph as ex
 
     proto = onnx.helper.make_model(
         onnx.helper.make_graph(
@@ -330,7 +322,7 @@ def test_no_module_but_export_imports_onnx():
 
     code = (
         "import sys, repfuse_cli.pipeline, repfuse_cli.commands, repfuse_cli.cli, repfuse_cli.report; "
-        "import repfuse_cli.export; "
+        "import repfuse_cli.export, repfuse_cli.onnxgraph, repfuse_cli.onnxcheck, repfuse_cli.onnxbench; "
         "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

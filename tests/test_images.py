@@ -21,7 +21,8 @@ from repfuse_cli.fuser import EvalTransform, Plan, timm_eval_transform
 from repfuse_cli.fusers.conv_bn import ConvBnFuser
 from repfuse_cli.fusers.repvgg import RepVGGFuser
 from repfuse_cli.fusers.vanillanet import VanillaNetFuser
-from repfuse_cli.images import apply_transform, evaluate_images, list_images
+from repfuse_cli.imagecheck import evaluate_images
+from repfuse_cli.images import apply_transform, list_images
 from repfuse_cli.registry import all_fusers
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_checkpoints"
