@@ -1,6 +1,6 @@
 """Peak memory of image-folder verification does not grow with the folder (issue 15).
 
-    python bench/bench_images_rss.py [SMALL BIG]      (default 50 5000)
+    python bench/bench_images_rss.py [SMALL BIG] [--json PATH]      (default 50 5000)
 
 Writes SMALL and BIG random 320x240 JPEGs to a temporary folder, then in a fresh process per size
 runs ``repfuse_cli.imagecheck.evaluate_images`` on a small conv-BN network with the ImageNet
@@ -34,7 +34,12 @@ print(json.dumps({"images": r.images, "seconds": time.perf_counter() - t0,
 
 
 def main() -> None:
-    small, big = (int(a) for a in sys.argv[1:3]) if len(sys.argv) > 2 else (50, 5000)
+    argv = sys.argv[1:]
+    out = None
+    if "--json" in argv:
+        i = argv.index("--json")
+        out, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+    small, big = (int(a) for a in argv[:2]) if len(argv) > 1 else (50, 5000)
     import torch
     from PIL import Image
 
@@ -53,6 +58,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['images']:6d} images: peak RSS {r['peak_rss_mb']:.0f} MB, {r['images'] / r['seconds']:.0f} images/s")
     print(f"growth: {rows[1]['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB for {big - small} more images")
+    if out:
+        Path(out).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

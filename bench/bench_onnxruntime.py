@@ -3,7 +3,7 @@
 
 Method: per model, a seeded training checkpoint (RepVGG-A0 in the official layout via
 ``common.write_checkpoint``; timm mobileone_s0, fastvit_t8 and resnet18 with randomized BN statistics,
-saved as timm's train.py saves them) is loaded once; ``repfuse_cli.export.bench_file_onnxruntime``
+saved as timm's train.py saves them) is loaded once; ``repfuse_cli.onnxbench.bench_file_onnxruntime``
 exports both models (opset 20, dynamic batch) and times each graph's ``InferenceSession.run`` (median of
 ``--repeats`` after warm-up, one intra-op thread per core as torch uses), and ``commands.bench_file``
 times the torch eager pair on the same inputs. onnxruntime fuses a Conv followed by a
@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from repfuse_cli.commands import bench_file
-    from repfuse_cli.export import bench_file_onnxruntime
+    from repfuse_cli.onnxbench import bench_file_onnxruntime
 
     rows: list[dict[str, Any]] = []
     runtime = ""

@@ -3,8 +3,8 @@
     .venv/bin/python bench/run_all.py            # what `make bench` runs (~11-17 minutes on 2 cores)
     .venv/bin/python bench/run_all.py --render   # re-render RESULTS.md from bench/results/*.json
 
-Each benchmark runs as its own process (bench_convert.py, bench_cli_start.py,
-bench_deploy_speed.py); their methods are in their docstrings and are repeated in RESULTS.md.
+Each benchmark runs as its own process (bench_convert.py, bench_cli_start.py, bench_deploy_speed.py,
+bench_onnxruntime.py, bench_images_rss.py); their methods are in their docstrings and are repeated in RESULTS.md.
 When a CUDA device is present, the deploy-speed benchmark also runs on it (batch 1 and 64).
 """
 
@@ -70,6 +70,7 @@ def run_all(args: argparse.Namespace) -> None:
         "onnxruntime.json",
         *(["--models", "timm resnet18", "--batches", "1", "--repeats", "3", "--resolution", "64"] if q else []),
     )
+    d["images_rss"] = _run("bench_images_rss.py", "images_rss.json", *(["10", "100"] if q else []))
     meta["cuda"] = _cuda_available()
     if meta["cuda"]:
         d["deploy_speed_cuda"] = _run(
@@ -280,6 +281,9 @@ def render() -> str:
     ort = _load("onnxruntime.json")
     if ort:
         L += _render_onnxruntime(ort)
+    rss = _load("images_rss.json")
+    if rss:
+        L += _render_images_rss(rss)
     L += ["## GPU", ""]
     if cuda:
         L += _render_speed(cuda, "GPU", heading=False)
@@ -425,6 +429,24 @@ def _render_onnxruntime(ort: dict) -> list[str]:
         for r in ort["rows"]
     ]  # fmt: skip
     L += _table(["model", "batch", "onnxruntime train ms", "deploy ms", "speedup", "torch eager speedup"], rows)
+    return L + [""]
+
+
+def _render_images_rss(rss: dict) -> list[str]:
+    L = ["## 5. Image-folder verification: memory against folder size", ""]
+    L += [
+        "Method: `bench/bench_images_rss.py`: random 320x240 JPEGs in one folder; a fresh process per size runs "
+        "`repfuse_cli.imagecheck.evaluate_images` (the streaming evaluation behind `verify --inputs DIR`) on a "
+        "small conv-BN network with the ImageNet transform, batch 32; peak RSS is the process's own. Holding "
+        "the images would cost N x 3 x 224 x 224 x 4 bytes (3 GB for 5000).",
+        "",
+    ]
+    rows = [[r["images"], f"{r['peak_rss_mb']:.0f}", f"{r['images'] / r['seconds']:.0f}"] for r in rss["rows"]]
+    L += _table(["images", "peak RSS MB", "images/s"], rows)
+    if len(rss["rows"]) == 2:
+        a, b = rss["rows"]
+        L += ["", f"Peak RSS grows by {b['peak_rss_mb'] - a['peak_rss_mb']:+.0f} MB for {b['images'] - a['images']} "
+              f"more images ({b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x)."]  # fmt: skip
     return L + [""]
 
 
