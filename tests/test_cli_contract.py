@@ -34,14 +34,18 @@ def test_short_help_and_version():
 
 
 def test_shell_completion_script_and_answers():
-    r = subprocess.run(
-        [sys.executable, "-m", "repfuse_cli", "--show-completion", "bash"], capture_output=True, text=True
-    )
-    assert r.returncode == 0 and "_repfuse_completion" in r.stdout
+    # The script that `--install-completion` installs, asked for by name (no shell detection: CI has no
+    # login shell to detect), then a completion answered the way that script asks.
+    env = {**os.environ, "_REPFUSE_COMPLETE": "source_bash"}
+    r = subprocess.run([sys.executable, "-m", "repfuse_cli"], env=env, capture_output=True, text=True,
+                       stdin=subprocess.DEVNULL)  # fmt: skip
+    assert r.returncode == 0 and "_repfuse_completion" in r.stdout, (r.stdout, r.stderr)
     env = {**os.environ, "_REPFUSE_COMPLETE": "complete_bash", "COMP_WORDS": "repfuse con", "COMP_CWORD": "1"}
     r = subprocess.run([sys.executable, "-c", "from repfuse_cli.cli import main; main()"], env=env,
-                       capture_output=True, text=True)  # fmt: skip
+                       capture_output=True, text=True, stdin=subprocess.DEVNULL)  # fmt: skip
     assert "convert" in r.stdout.split(), (r.stdout, r.stderr)
+    h = runner.invoke(app, ["--help"])
+    assert "--install-completion" in h.stdout and "--show-completion" in h.stdout
 
 
 def test_dangling_output_symlink_is_an_existing_output(toy, tmp_path):
