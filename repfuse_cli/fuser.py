@@ -284,6 +284,21 @@ class Fuser(ABC):
     def build_deploy(self, plan: Plan) -> nn.Module:
         """An empty deploy-mode model (meta device is fine) for ``plan`` (config from ``fuse``)."""
 
+    def deploy_state(
+        self, plan: Plan, computed: dict[str, Tensor], passthrough: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The deploy state_dict in ``build_deploy(plan)``'s key order: the ``computed`` tensors, and
+        every other deploy key taken from ``passthrough`` (e.g. the checkpoint's SE and classifier
+        weights; own contiguous copies). A key left over or missing is a fuser bug (RuntimeError)."""
+        keys = list(self.build_deploy(plan).state_dict())
+        out = dict(computed)
+        for k in keys:
+            if k not in out and k in passthrough:
+                out[k] = passthrough[k].contiguous().clone()
+        if set(out) != set(keys):
+            raise RuntimeError(f"{self.name} fuser bug: deploy keys differ ({sorted(set(out) ^ set(keys))[:3]})")
+        return {k: out[k] for k in keys}
+
     def folded_modules(self, plan: Plan) -> list[str]:
         """Modules of the training model whose own output the deploy model does not reproduce
         (a conv whose BN was folded into it computes conv+BN): verification does not compare the

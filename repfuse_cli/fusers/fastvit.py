@@ -867,13 +867,7 @@ class FastViTFuser(Fuser):
                 for ls in ("layer_scale", "layer_scale_1", "layer_scale_2"):
                     if _scale(m, ls) is not None:
                         unfused.append((f"{name}.{ls}", "layer scale of a residual branch: kept by the official model"))
-        deploy_keys = list(self.build_deploy(plan).state_dict())
-        for k in deploy_keys:  # FFNs, attention, layer scales, SE and head pass through (own copies)
-            if k not in out:
-                out[k] = state_dict[k].contiguous().clone()
-        if set(out) != set(deploy_keys):
-            raise RuntimeError(f"fastvit fuser bug: deploy keys differ ({sorted(set(out) ^ set(deploy_keys))[:3]})")
-        return Fused({k: out[k] for k in deploy_keys}, dict(plan.config), counts, unfused)
+        return Fused(self.deploy_state(plan, out, state_dict), dict(plan.config), counts, unfused)
 
     def build_deploy(self, plan: Plan) -> nn.Module:
         with torch.device("meta"):

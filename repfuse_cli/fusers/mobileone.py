@@ -611,13 +611,7 @@ class MobileOneFuser(Fuser):
                 unfused.append((f"{prefix}.{n.se}", "squeeze-excitation scales by its input: not linear, kept"))
             if done is not None:
                 done([*block.parameters(), *block.buffers()])
-        deploy_keys = list(self.build_deploy(plan).state_dict())
-        for k in deploy_keys:  # SE and classifier pass through unchanged (own, contiguous copies)
-            if k not in out:
-                out[k] = state_dict[k].contiguous().clone()
-        if set(out) != set(deploy_keys):
-            raise RuntimeError(f"mobileone fuser bug: deploy keys differ ({sorted(set(out) ^ set(deploy_keys))[:3]})")
-        return Fused({k: out[k] for k in deploy_keys}, dict(plan.config), counts, unfused)
+        return Fused(self.deploy_state(plan, out, state_dict), dict(plan.config), counts, unfused)
 
     def build_deploy(self, plan: Plan) -> nn.Module:
         with torch.device("meta"):

@@ -842,10 +842,7 @@ class RepViTFuser(Fuser):
                 out[f"{name}.bias"] = b.to(dtype).contiguous()
             if done is not None:
                 done([*m.parameters(), *m.buffers()])
-        deploy_keys = list(self.build_deploy(plan).state_dict())
-        if set(out) != set(deploy_keys):
-            raise RuntimeError(f"repvit fuser bug: deploy keys differ ({sorted(set(out) ^ set(deploy_keys))[:3]})")
-        return Fused({k: out[k] for k in deploy_keys}, dict(plan.config), counts, unfused)
+        return Fused(self.deploy_state(plan, out, {}), dict(plan.config), counts, unfused)
 
     def build_deploy(self, plan: Plan) -> nn.Module:
         with torch.device("meta"):
