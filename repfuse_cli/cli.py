@@ -46,6 +46,7 @@ from .cli_common import (
     _progress,
     _show,
     _source,
+    _warn_trust,
     out_console,
 )
 
@@ -104,10 +105,7 @@ def convert(
         from .pipeline import run_conversion
         from .report import conversion_report
 
-        if trust_checkpoint and not quiet:
-            print(
-                f"repfuse: warning: --trust-checkpoint: unpickling {checkpoint} may run code from it", file=sys.stderr
-            )
+        _warn_trust(checkpoint, trust_checkpoint and not quiet)
         ctx, on_step = _progress(not (quiet or json_out))
         with ctx:
             images = _image_options(inputs, ctx, class_map, limit, mean, std, crop_pct, interpolation, min_agreement)
@@ -304,8 +302,7 @@ def export(
         from .export import export_file
         from .report import export_report
 
-        if trust_checkpoint and not quiet:
-            print(f"repfuse: warning: --trust-checkpoint: unpickling {source} may run code from it", file=sys.stderr)
+        _warn_trust(source, trust_checkpoint and not quiet)
         ctx, on_step = _progress(not (quiet or json_out), steps=6)
         with ctx:
             result = export_file(

@@ -287,3 +287,9 @@ def _source(
 
     options = Options(variant=variant, model=model, assume_annealed=assume_annealed, extra_folds=extra_folds)
     return Source(path, arch=arch, key=key, options=options, trust=trust, resolution=resolution)
+
+
+def _warn_trust(path: Path, warn: bool) -> None:
+    """The one warning --trust-checkpoint earns (unless --quiet): unpickling may run the file's code."""
+    if warn:
+        print(f"repfuse: warning: --trust-checkpoint: unpickling {path} may run code from it", file=sys.stderr)
