@@ -176,15 +176,15 @@ def child_breakdown(ckpt: str, out: str, arch: str, verify: bool, json_out: str,
 
         setattr(owner, attr, wrapper)
 
-    from repfuse_cli import checkpoint, fold, save
+    from repfuse_cli import checkpoint, deployfile, fold, memory
     from repfuse_cli.fusers import repvgg, vanillanet
 
     timed(pipeline, "check_finite", "check_finite (reads the mmap'd file)")
     timed(pipeline, "model_stats", "model_stats (FLOP counting, 2 models)")
     timed(pipeline, "verify_models", "verify_models (2 forward passes)")
-    timed(save, "write_safetensors_to", "writing the deploy file (a thread, during verification)")
-    timed(save.os, "fsync", "its fsync (waits on the disk)")
-    timed(save.StagedWrite, "commit", "save step: waiting for that write, then rename")
+    timed(deployfile, "write_safetensors_to", "writing the deploy file (a thread, during verification)")
+    timed(memory.os, "fsync", "its fsync (waits on the disk)")
+    timed(memory.StagedWrite, "commit", "save step: waiting for that write, then rename")
     timed(checkpoint.Checkpoint, "sha256", "sha256 of the source file")
     timed(vanillanet, "merge_1x1", "merge_1x1 (1x1-chain matrix products)")
     timed(vanillanet, "fold_bn", "fold_bn (VanillaNet weights)")
@@ -208,7 +208,7 @@ def child_breakdown(ckpt: str, out: str, arch: str, verify: bool, json_out: str,
         "run_conversion_s": round(time.perf_counter() - t0, 3),
         "steps": steps,
         "timers": {k: round(v, 3) for k, v in timers.items()},
-        "verify": conv.result.get("verify"),
+        "verify": conv.result.verify.to_dict() if conv.result.verify else None,
         "torch_threads": torch.get_num_threads(),
     }
     Path(json_out).write_text(json.dumps(res, indent=2))
