@@ -35,10 +35,10 @@ print(json.dumps({"images": r.images, "seconds": time.perf_counter() - t0,
 
 def main() -> None:
     argv = sys.argv[1:]
-    out = None
+    json_path = None
     if "--json" in argv:
         i = argv.index("--json")
-        out, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+        json_path, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
     small, big = (int(a) for a in argv[:2]) if len(argv) > 1 else (50, 5000)
     import torch
     from PIL import Image
@@ -58,8 +58,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['images']:6d} images: peak RSS {r['peak_rss_mb']:.0f} MB, {r['images'] / r['seconds']:.0f} images/s")
     print(f"growth: {rows[1]['peak_rss_mb'] - rows[0]['peak_rss_mb']:+.0f} MB for {big - small} more images")
-    if out:
-        Path(out).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
