@@ -36,6 +36,7 @@ KeyOpt = Annotated[
 ArchOpt = Annotated[str, typer.Option("--arch", help="auto, a fuser name (see `repfuse archs`), or timm:NAME.")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="conv-bn network: timm:NAME or pkg.module:callable.")]
 VariantOpt = Annotated[str | None, typer.Option("--variant", help="Override the detected variant name.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output file.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 TrustOpt = Annotated[
